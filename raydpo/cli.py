@@ -1,0 +1,75 @@
+"""The `raydpo` command: parse arguments, then call one function. No logic of its own.
+
+User errors (bad config, bad data, missing paths) print one line `raydpo: error: ...` and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from raydpo import __version__
+from raydpo.errors import UserError
+
+
+def _cmd_train(args) -> int:
+    from raydpo.config import load_config
+    from raydpo.train.launch import run_local
+
+    cfg = load_config(args.config, args.overrides)
+    run_local(cfg)
+    return 0
+
+
+def _cmd_data_validate(args) -> int:
+    from raydpo.config import apply_overrides, build_config
+    from raydpo.data.validate import chat_renderer, validate_source
+
+    data = apply_overrides({"data": {"source": args.source}}, [f"data.{o}" for o in args.overrides])
+    cfg = build_config(data, "data validate")
+    render = None
+    if args.tokenizer:
+        from raydpo.config import ModelConfig
+        from raydpo.modeling import load_tokenizer
+
+        render = chat_renderer(load_tokenizer(ModelConfig(policy=args.tokenizer)))
+    qpath = args.quarantine or "quarantine.jsonl"
+    _, report = validate_source(cfg.data, qpath, render_chat=render)
+    print(report.summary())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raydpo", description="Direct Preference Optimization on Ray, tracked in MLflow.")
+    p.add_argument("--version", action="version", version=f"raydpo {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a policy with DPO (or a variant) from a YAML config")
+    t.add_argument("config", nargs="?", help="YAML config; omitted = the built-in defaults")
+    t.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. loss.beta=0.1")
+    t.set_defaults(func=_cmd_train)
+
+    d = sub.add_parser("data", help="inspect preference data")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    v = dsub.add_parser("validate", help="validate a source; print counts per quarantine reason")
+    v.add_argument("source", help="jsonl / parquet file, HF save_to_disk dir, HF hub name, builtin:tiny-prefs")
+    v.add_argument("overrides", nargs="*", help="data config overrides, e.g. columns.prompt=question format=jsonl")
+    v.add_argument("--quarantine", help="where bad rows go (default ./quarantine.jsonl)")
+    v.add_argument("--tokenizer", help="tokenizer whose chat template renders conversational rows")
+    v.set_defaults(func=_cmd_data_validate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "train" and args.config and "=" in args.config:  # `raydpo train key=value` without a file
+        args.overrides, args.config = [args.config, *args.overrides], None
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"raydpo: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("raydpo: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,1 @@
+"""Preference data: the canonical record, readers, validation with quarantine, tokenization."""

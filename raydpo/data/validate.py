@@ -1,0 +1,323 @@
+"""Validation: every row becomes a PreferenceRecord or a quarantine line with a reason.
+
+`canonicalize` turns one row of any accepted shape (DESIGN.md, "Preference records") into text:
+- standard:        prompt / chosen / rejected strings, kept as they are;
+- conversational:  lists of {"role", "content"} messages, rendered with the tokenizer's chat
+                   template; the response text is what prompt + response adds to the rendered
+                   prompt (with its generation prompt), so prompt + chosen is exactly the chat text;
+- implicit prompt: no prompt key in the row; the prompt is the shared prefix of chosen and
+                   rejected (TRL's `extract_prompt` rule for strings, whole messages for lists).
+A row that cannot become a record raises BadRow with a code from `schema.REASONS`.
+
+`validate_rows` runs it over a reader's stream, writing every bad row to a `Quarantine` file, and
+`check_bad_fraction` stops the run when too many rows were bad. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raydpo.config import ColumnsConfig, DataConfig
+from raydpo.data.readers import Row, iter_rows
+from raydpo.data.schema import BadRow, PreferenceRecord
+from raydpo.errors import DataError
+
+ChatRenderer = Callable[[list[dict], bool], str]
+"""(messages, add_generation_prompt) -> text, e.g. the tokenizer's chat template."""
+
+NO_RENDERER = (
+    "this dataset is conversational (prompt/chosen/rejected are lists of role/content messages); "
+    "rendering it to text needs a tokenizer with a chat template, and none was given"
+)
+
+
+def chat_renderer(tokenizer: Any) -> ChatRenderer:
+    """A ChatRenderer from a HF tokenizer's chat template (DataError when it has none)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise DataError(
+            f"conversational data needs a tokenizer with a chat template; {name!r} has none "
+            "(set model.tokenizer to one with a chat template, or give prompt/chosen/rejected as strings)"
+        )
+
+    def render(messages: list[dict], add_generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    return render
+
+
+# ----------------------------------------------------------------------------- one row
+
+
+def canonicalize(
+    row: dict, columns: ColumnsConfig, render_chat: ChatRenderer | None = None
+) -> PreferenceRecord:
+    """One row → PreferenceRecord; raises BadRow(reason, detail), or DataError for a
+    conversational row with no `render_chat` (a whole-run problem, not a bad row)."""
+    if not isinstance(row, dict):
+        raise BadRow("wrong_type", f"row is a {type(row).__name__}, not an object")
+    rid = row.get(columns.id)
+    rid = None if rid is None else str(rid)
+    chosen = _value(row, columns.chosen)
+    rejected = _value(row, columns.rejected)
+    implicit = columns.prompt not in row
+    prompt = None if implicit else _value(row, columns.prompt)
+    values = {columns.chosen: chosen, columns.rejected: rejected}
+    if not implicit:
+        values = {columns.prompt: prompt, **values}
+    _same_kind(values)
+    if isinstance(chosen, list):
+        for name, msgs in values.items():
+            _check_messages(name, msgs, required=name != columns.prompt)
+    else:
+        for name, text in values.items():
+            if not text.strip():
+                raise BadRow("empty_text", f"{name!r} is empty or whitespace only")
+    if chosen == rejected:
+        raise BadRow("identical", f"{columns.chosen!r} and {columns.rejected!r} are identical")
+    if implicit:
+        prompt, chosen, rejected = _split_shared_prompt(chosen, rejected, columns)
+    if isinstance(chosen, list):
+        prompt, chosen, rejected = _render_pair(prompt, chosen, rejected, render_chat)
+    if chosen == rejected:
+        raise BadRow("identical", "chosen and rejected render to the same text")
+    return PreferenceRecord(prompt=prompt, chosen=chosen, rejected=rejected, id=rid)
+
+
+def _value(row: dict, name: str) -> str | list:
+    """The column's value, a str or a list; missing_field / wrong_type otherwise."""
+    value = row.get(name)
+    if value is None:
+        raise BadRow("missing_field", f"column {name!r} is missing or null")
+    if not isinstance(value, (str, list)):
+        raise BadRow(
+            "wrong_type", f"column {name!r} is a {type(value).__name__}, expected a str or a list of messages"
+        )
+    return value
+
+
+def _same_kind(values: dict[str, str | list]) -> None:
+    """All strings or all message lists: a mix has no meaning."""
+    kinds = {name: "a list" if isinstance(v, list) else "a str" for name, v in values.items()}
+    if len(set(kinds.values())) > 1:
+        shown = ", ".join(f"{n!r} is {k}" for n, k in kinds.items())
+        raise BadRow("wrong_type", f"columns mix strings and message lists: {shown}")
+
+
+def _check_messages(name: str, msgs: list, required: bool) -> None:
+    """Each message a dict with str role and content; a response must have some text."""
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise BadRow("bad_message", f"{name}[{i}] is a {type(m).__name__}, not a message object")
+        for key in ("role", "content"):
+            if not isinstance(m.get(key), str):
+                got = "missing" if m.get(key) is None else f"a {type(m[key]).__name__}"
+                raise BadRow("bad_message", f"{name}[{i}]: {key!r} must be a str, got {got}")
+    if not msgs or (required and not any(m["content"].strip() for m in msgs)):
+        raise BadRow("empty_text", f"{name!r} has no messages with text")
+
+
+def _split_shared_prompt(chosen: Any, rejected: Any, columns: ColumnsConfig) -> tuple[Any, Any, Any]:
+    """Implicit prompt: (prompt, chosen, rejected) from the shared prefix; no_shared_prompt if none.
+
+    Strings follow TRL's `extract_prompt` (trl/data_utils.py): the longest common character
+    prefix, moved back one character when the character before the divergence is a space, so
+    the responses keep their leading space ("Q: hi A: yes" / "... no" → "Q: hi A:", " yes", " no").
+    Message lists share whole messages.
+    """
+    n = 0
+    limit = min(len(chosen), len(rejected))
+    while n < limit and chosen[n] == rejected[n]:
+        n += 1
+    if isinstance(chosen, str) and n < limit and n > 0 and chosen[n - 1] == " ":
+        n -= 1
+    prompt, c, r = chosen[:n], chosen[n:], rejected[n:]
+    empty = (lambda x: not x.strip()) if isinstance(chosen, str) else (lambda x: not x)
+    if empty(prompt) or empty(c) or empty(r):
+        raise BadRow(
+            "no_shared_prompt",
+            f"no {columns.prompt!r} column, and {columns.chosen!r} and {columns.rejected!r} do not "
+            f"split into a shared prompt and two non-empty responses (shared prefix: {prompt!r:.60})",
+        )
+    return prompt, c, r
+
+
+def _render_pair(
+    prompt: list[dict], chosen: list[dict], rejected: list[dict], render: ChatRenderer | None
+) -> tuple[str, str, str]:
+    """Chat texts: the prompt with its generation prompt, and what each response adds to it."""
+    if render is None:
+        raise DataError(NO_RENDERER)
+    try:
+        prompt_text = render(prompt, True)
+        full = {"chosen": render(prompt + chosen, False), "rejected": render(prompt + rejected, False)}
+    except DataError:
+        raise
+    except Exception as e:  # a template error for this row's messages (e.g. bad role order)
+        raise BadRow("chat_template", f"the chat template failed: {type(e).__name__}: {e}") from e
+    for name, text in full.items():
+        if not text.startswith(prompt_text):
+            raise BadRow(
+                "chat_template",
+                f"the chat template's rendering of prompt + {name} does not start with its rendering "
+                "of the prompt (with the generation prompt), so the response cannot be cut out",
+            )
+    return prompt_text, full["chosen"][len(prompt_text) :], full["rejected"][len(prompt_text) :]
+
+
+# ----------------------------------------------------------------------------- quarantine
+
+
+@dataclass
+class QuarantineReport:
+    """What validation of one source kept and quarantined."""
+
+    source: str
+    total: int  # rows read (good and bad)
+    kept: int  # rows that became records
+    counts: dict[str, int] = field(default_factory=dict)  # quarantined rows per reason
+    path: str | None = None  # the quarantine file; None when nothing was quarantined
+
+    @property
+    def bad(self) -> int:
+        return self.total - self.kept
+
+    @property
+    def bad_fraction(self) -> float:
+        return self.bad / self.total if self.total else 0.0
+
+    def summary(self) -> str:
+        """Human-readable, several lines: totals, one line per reason, the quarantine file."""
+        lines = [
+            f"{self.source}: {self.total} rows, {self.kept} kept, {self.bad} quarantined "
+            f"({100 * self.bad_fraction:.1f}%)"
+        ]
+        lines += [f"  {reason}: {n}" for reason, n in _by_count(self.counts)]
+        if self.path:
+            lines.append(f"quarantined rows: {self.path}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "bad": self.bad, "bad_fraction": self.bad_fraction}
+
+
+def _by_count(counts: dict[str, int]) -> list[tuple[str, int]]:
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+class Quarantine:
+    """Bad rows as JSON lines `{"source", "row", "reason", "detail", "raw"}`, written atomically.
+
+    Lines go to `<path>.tmp`; `close()` moves it to `path` with `os.replace`, so a reader never
+    sees half a file. When no row was bad there is no file at all (a stale one from an earlier
+    run is removed). Leaving a `with` block by an exception discards the partial file.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.counts: Counter[str] = Counter()
+        self._file = None
+
+    def add(self, source: str, row: int, bad: BadRow, raw: Any) -> None:
+        """Record one bad row; `raw` is the original row (or line text), repr'd if not JSON."""
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.tmp.open("w", encoding="utf-8")
+        entry = {"source": source, "row": row, "reason": bad.reason, "detail": bad.detail, "raw": raw}
+        try:
+            line = json.dumps(entry, default=repr)
+        except (TypeError, ValueError):  # non-str dict keys, circular references
+            line = json.dumps({**entry, "raw": repr(raw)})
+        self._file.write(line + "\n")
+        self.counts[bad.reason] += 1
+
+    def close(self) -> Path | None:
+        """Publish the file (or remove a stale one); returns its path, or None if nothing was bad."""
+        if self._file is None:
+            self.path.unlink(missing_ok=True)
+            return None
+        self._file.close()
+        self._file = None
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def discard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> Quarantine:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        self.discard() if exc_type is not None else self.close()
+
+
+# ----------------------------------------------------------------------------- whole sources
+
+
+def validate_rows(
+    rows: Iterable[tuple[int, Row]],
+    columns: ColumnsConfig,
+    render_chat: ChatRenderer | None,
+    quarantine: Quarantine,
+    source: str,
+) -> tuple[list[PreferenceRecord], QuarantineReport]:
+    """Canonicalize every row; bad ones go to `quarantine`, which this closes."""
+    records: list[PreferenceRecord] = []
+    total = 0
+    with quarantine:
+        for index, row in rows:
+            total += 1
+            if isinstance(row, BadRow):
+                quarantine.add(source, index, row, getattr(row, "raw", None))
+                continue
+            try:
+                records.append(canonicalize(row, columns, render_chat))
+            except BadRow as bad:
+                quarantine.add(source, index, bad, row)
+            except DataError as e:
+                raise DataError(f"{source}: row {index}: {e}") from None
+    path = quarantine.path if quarantine.counts else None
+    report = QuarantineReport(source, total, len(records), dict(quarantine.counts), path and str(path))
+    return records, report
+
+
+def validate_source(
+    cfg: DataConfig,
+    quarantine_path: str | os.PathLike,
+    render_chat: ChatRenderer | None = None,
+    source: str | None = None,
+) -> tuple[list[PreferenceRecord], QuarantineReport]:
+    """Read `source` (default `cfg.source`), validate every row, and enforce `cfg.max_bad_fraction`."""
+    src = source or cfg.source
+    rows = iter_rows(src, cfg.format, cfg.split, cfg.max_rows)
+    records, report = validate_rows(rows, cfg.columns, render_chat, Quarantine(quarantine_path), src)
+    check_bad_fraction(report, cfg.max_bad_fraction)
+    return records, report
+
+
+def check_bad_fraction(report: QuarantineReport, max_bad_fraction: float) -> None:
+    """DataError when the source had no rows, no good rows, or more bad rows than allowed."""
+    if report.total == 0:
+        raise DataError(f"{report.source} has no rows")
+    reasons = ", ".join(f"{r}: {n}" for r, n in _by_count(report.counts))
+    if report.bad_fraction > max_bad_fraction:
+        raise DataError(
+            f"{report.source}: {report.bad} of {report.total} rows ({100 * report.bad_fraction:.1f}%) were "
+            f"quarantined, above data.max_bad_fraction={max_bad_fraction}; see {report.path} ({reasons})"
+        )
+    if report.kept == 0:
+        raise DataError(
+            f"{report.source}: none of its {report.total} rows is valid; see {report.path} ({reasons})"
+        )

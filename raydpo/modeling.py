@@ -1,0 +1,113 @@
+"""Loading policy / reference / tokenizer (Hugging Face), LoRA, and sequence log-probs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from raydpo.config import ModelConfig
+from raydpo.errors import ConfigError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(name: str) -> str:
+    """`builtin:*` → its materialized local directory; a local path must exist; else a hub name."""
+    from raydpo.tiny import BUILTIN_MODELS, builtin_model_dir
+
+    if name.startswith("builtin:"):
+        if name not in BUILTIN_MODELS:
+            raise ConfigError(f"model: unknown builtin model {name!r}; allowed: {', '.join(BUILTIN_MODELS)}")
+        return str(builtin_model_dir(name))
+    looks_local = name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
+    if looks_local and not Path(name).expanduser().is_dir():
+        raise ConfigError(f"model: path {name!r} does not exist or is not a directory")
+    return str(Path(name).expanduser()) if looks_local else name
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(cfg.tokenizer or cfg.policy)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:
+        raise ConfigError(f"model.tokenizer: cannot load {path!r}: {str(e).splitlines()[0]}") from None
+    if tok.eos_token_id is None:
+        raise ConfigError(f"model.tokenizer: {path!r} has no EOS token; DPO responses must end with one")
+    return tok
+
+
+def _load_causal_lm(name: str, cfg: ModelConfig):
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name)
+    kwargs = {"dtype": _DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise ConfigError(f"model: cannot load {path!r}: {str(e).splitlines()[0]}") from None
+    if cfg.disable_dropout:
+        disable_dropout(model)
+    return model
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+
+
+def load_policy(cfg: ModelConfig):
+    """The trainable policy; with `cfg.lora` a peft model whose base is frozen."""
+    model = _load_causal_lm(cfg.policy, cfg)
+    if cfg.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        lcfg = LoraConfig(
+            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+            target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM",
+        )  # fmt: skip
+        model = get_peft_model(model, lcfg)
+    return model
+
+
+def load_reference(cfg: ModelConfig):
+    """A frozen reference in eval mode, or None when the policy's LoRA base serves as reference."""
+    if cfg.lora is not None and cfg.reference is None:
+        return None
+    model = _load_causal_lm(cfg.reference or cfg.policy, cfg)
+    model.eval().requires_grad_(False)
+    return model
+
+
+class SequenceLogps(NamedTuple):
+    """Per-sequence log-probs of the labelled tokens, each (N,)."""
+
+    sum: torch.Tensor  # Σ_t log π(y_t | x, y_<t) over response tokens
+    mean: torch.Tensor  # sum / n_tokens
+    n_tokens: torch.Tensor  # number of response tokens
+
+
+def sequence_logps(model, input_ids, attention_mask, labels) -> SequenceLogps:
+    """One forward pass; log-probs of the labelled tokens, summed and averaged per sequence.
+
+    input_ids, attention_mask, labels: (N, T); labels -100 where not scored. Logits at t score the
+    token at t+1. log π = logit[label] − logsumexp(logits), in float32, without building a
+    float32 copy of the whole log-softmax.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (N, T, V)
+    logits = logits[:, :-1]  # (N, T-1, V)
+    targets = labels[:, 1:]  # (N, T-1)
+    mask = targets != -100
+    safe = targets.masked_fill(~mask, 0)
+    picked = torch.gather(logits, 2, safe.unsqueeze(-1)).squeeze(-1).float()  # (N, T-1)
+    lse = torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])  # (N, T-1), one row at a time
+    token_logps = (picked - lse) * mask
+    n = mask.sum(-1)
+    total = token_logps.sum(-1)
+    return SequenceLogps(total, total / n.clamp(min=1), n)

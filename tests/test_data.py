@@ -1,0 +1,423 @@
+"""Readers, validation and quarantine on real files built in tmp_path (no network)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from raydpo.config import ColumnsConfig, DataConfig
+from raydpo.data.builtin import tiny_prefs
+from raydpo.data.readers import detect_format, iter_rows
+from raydpo.data.schema import REASONS, BadRow, PreferenceRecord
+from raydpo.data.validate import (
+    Quarantine,
+    QuarantineReport,
+    canonicalize,
+    chat_renderer,
+    check_bad_fraction,
+    validate_rows,
+    validate_source,
+)
+from raydpo.errors import DataError
+
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+GOOD = [
+    {"id": 1, "prompt": "Review:", "chosen": " great", "rejected": " bad"},
+    {"id": "b", "prompt": "Q: 2+2?", "chosen": " 4", "rejected": " 5", "extra": [1, 2]},
+    {"prompt": "Say hi.", "chosen": " hi", "rejected": " go away"},
+]
+GOOD_RECORDS = [
+    PreferenceRecord("Review:", " great", " bad", "1"),
+    PreferenceRecord("Q: 2+2?", " 4", " 5", "b"),
+    PreferenceRecord("Say hi.", " hi", " go away", None),
+]
+
+
+def msg(role: str, content: str) -> dict:
+    return {"role": role, "content": content}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def tiny_tokenizer(template: str | None = TEMPLATE):
+    """A word-level fast tokenizer with a few words, built in memory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "hi", "hello", "yes", "no", "bye"])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>")
+    tok.chat_template = template
+    return tok
+
+
+# ----------------------------------------------------------------------------- the mixed JSONL file
+
+# (line bytes, expected reason or None for a good row); blank lines are not rows.
+MIXED = [
+    (json.dumps(GOOD[0]).encode(), None),  # row 0
+    (b'{"prompt": "x", "chosen": ', "undecodable"),  # row 1: bad JSON
+    (b'{"prompt": "caf\xe9", "chosen": " a", "rejected": " b"}', "undecodable"),  # row 2: latin-1 byte
+    (b"", None),  # blank line: skipped, not numbered
+    (b"[1, 2, 3]", "wrong_type"),  # row 3: not an object
+    (json.dumps(GOOD[1]).encode(), None),  # row 4
+    (json.dumps({"prompt": "p", "chosen": " a"}).encode(), "missing_field"),  # row 5
+    (json.dumps({"prompt": "p", "chosen": 3, "rejected": " b"}).encode(), "wrong_type"),  # row 6
+    (json.dumps({"prompt": "p", "chosen": "   ", "rejected": " b"}).encode(), "empty_text"),  # row 7
+    (json.dumps({"prompt": "p", "chosen": " same", "rejected": " same"}).encode(), "identical"),  # row 8
+    (json.dumps({"prompt": [{"role": "user"}], "chosen": [], "rejected": []}).encode(), "bad_message"),  # 9
+    (json.dumps({"chosen": "yes please", "rejected": "no thanks"}).encode(), "no_shared_prompt"),  # row 10
+    (json.dumps(GOOD[2]).encode(), None),  # row 11
+    (json.dumps({"prompt": None, "chosen": " a", "rejected": " b"}).encode(), "missing_field"),  # row 12
+]
+EXPECTED_BAD = {
+    1: "undecodable",
+    2: "undecodable",
+    3: "wrong_type",
+    5: "missing_field",
+    6: "wrong_type",
+    7: "empty_text",
+    8: "identical",
+    9: "bad_message",
+    10: "no_shared_prompt",
+    12: "missing_field",
+}
+
+
+@pytest.fixture
+def mixed_jsonl(tmp_path: Path) -> Path:
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b"\n".join(line for line, _ in MIXED) + b"\n")
+    return path
+
+
+def read_quarantine(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_mixed_jsonl_keeps_good_rows_and_quarantines_every_bad_one(mixed_jsonl: Path, tmp_path: Path):
+    qpath = tmp_path / "out" / "quarantine.jsonl"
+    cfg = DataConfig(source=str(mixed_jsonl), max_bad_fraction=0.9)
+    records, report = validate_source(cfg, qpath)
+
+    assert records == GOOD_RECORDS
+    lines = read_quarantine(qpath)
+    assert {q["row"]: q["reason"] for q in lines} == EXPECTED_BAD
+    assert all(q["source"] == str(mixed_jsonl) and q["reason"] in REASONS for q in lines)
+    by_row = {q["row"]: q for q in lines}
+    assert by_row[1]["detail"].startswith("line 2: ")
+    assert by_row[1]["raw"] == '{"prompt": "x", "chosen": '
+    assert by_row[2]["detail"].startswith("line 3: invalid UTF-8")
+    assert by_row[3]["raw"] == "[1, 2, 3]" and "line 5" in by_row[3]["detail"]
+    assert by_row[5]["raw"] == {"prompt": "p", "chosen": " a"}
+    assert "'rejected'" in by_row[5]["detail"]
+    assert "'chosen'" in by_row[6]["detail"] and "int" in by_row[6]["detail"]
+
+    assert report.total == 13 and report.kept == 3 and report.bad == 10
+    assert report.counts == {
+        "undecodable": 2,
+        "wrong_type": 2,
+        "missing_field": 2,
+        "empty_text": 1,
+        "identical": 1,
+        "bad_message": 1,
+        "no_shared_prompt": 1,
+    }
+    assert report.path == str(qpath)
+    assert report.bad_fraction == pytest.approx(10 / 13)
+    summary = report.summary()
+    assert "13 rows, 3 kept, 10 quarantined (76.9%)" in summary and str(qpath) in summary
+    assert "undecodable: 2" in summary
+    assert report.to_dict()["bad"] == 10
+    assert not qpath.with_name("quarantine.jsonl.tmp").exists()
+
+
+def test_bad_fraction_above_threshold_is_a_data_error(mixed_jsonl: Path, tmp_path: Path):
+    qpath = tmp_path / "q.jsonl"
+    cfg = DataConfig(source=str(mixed_jsonl), max_bad_fraction=0.05)
+    with pytest.raises(DataError) as err:
+        validate_source(cfg, qpath)
+    msg = str(err.value)
+    assert str(mixed_jsonl) in msg and "data.max_bad_fraction=0.05" in msg
+    assert "10 of 13 rows (76.9%)" in msg and str(qpath) in msg and "undecodable: 2" in msg
+    assert qpath.exists()  # the quarantine file is there to look at
+
+
+def test_check_bad_fraction_edges():
+    check_bad_fraction(QuarantineReport("s", 100, 95, {"identical": 5}, "q"), 0.05)  # at the limit: ok
+    with pytest.raises(DataError, match=r"s: 12 of 100 rows \(12.0%\).*\(missing_field: 7, identical: 5\)"):
+        check_bad_fraction(QuarantineReport("s", 100, 88, {"identical": 5, "missing_field": 7}, "q"), 0.05)
+    with pytest.raises(DataError, match="s has no rows"):
+        check_bad_fraction(QuarantineReport("s", 0, 0), 1.0)
+    with pytest.raises(DataError, match="none of its 2 rows is valid"):
+        check_bad_fraction(QuarantineReport("s", 2, 0, {"identical": 2}, "q"), 1.0)
+
+
+# ----------------------------------------------------------------------------- other formats
+
+
+def test_parquet_and_hf_directories_give_the_same_records(tmp_path: Path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [
+        {"id": str(r.get("id")) if "id" in r else None, **{k: r[k] for k in ("prompt", "chosen", "rejected")}}
+        for r in GOOD
+    ]
+    jsonl = write_jsonl(tmp_path / "d.jsonl", rows)
+    parquet = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), parquet, row_group_size=2)
+    hf_dir = tmp_path / "hf"
+    datasets.Dataset.from_list(rows).save_to_disk(str(hf_dir))
+    dict_dir = tmp_path / "hf_dict"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(dict_dir))
+
+    cfg = DataConfig()
+    results = [
+        validate_source(cfg, tmp_path / f"q{i}.jsonl", source=str(s))[0]
+        for i, s in enumerate([jsonl, parquet, hf_dir, dict_dir])
+    ]
+    assert all(r == GOOD_RECORDS for r in results)
+    assert [detect_format(str(s)) for s in (jsonl, parquet, hf_dir, dict_dir)] == [
+        "jsonl",
+        "parquet",
+        "hf",
+        "hf",
+    ]
+    assert not list(tmp_path.glob("q*.jsonl*"))  # nothing bad, so no quarantine files
+
+    with pytest.raises(DataError, match=r"no split 'test'; available splits: train"):
+        list(iter_rows(str(dict_dir), split="test"))
+
+
+def test_parquet_nulls_are_missing_fields(tmp_path: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "n.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt": "p", "chosen": None, "rejected": " b"}]), path)
+    with pytest.raises(DataError, match="none of its 1 rows is valid"):
+        validate_source(DataConfig(source=str(path), max_bad_fraction=1.0), tmp_path / "q.jsonl")
+    assert read_quarantine(tmp_path / "q.jsonl")[0]["reason"] == "missing_field"
+
+
+def test_unreadable_parquet_names_the_file(tmp_path: Path):
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(b"this is not parquet")
+    with pytest.raises(DataError, match="broken.parquet: not a readable parquet file"):
+        iter_rows(str(path))
+
+
+def test_missing_and_unrecognized_sources(tmp_path: Path):
+    missing = str(tmp_path / "nope.jsonl")
+    with pytest.raises(DataError, match=f"data source '{missing}' does not exist"):
+        iter_rows(missing)
+    with pytest.raises(DataError, match="does not exist"):
+        iter_rows(str(tmp_path / "nope.parquet"), fmt="parquet")
+    odd = tmp_path / "data.txt"
+    odd.write_text("hello")
+    with pytest.raises(DataError, match="cannot tell its format.*hub name like 'owner/name'"):
+        iter_rows(str(odd))
+    with pytest.raises(DataError, match="not a saved HF dataset"):
+        iter_rows(str(tmp_path))
+    with pytest.raises(DataError, match="unknown built-in data source 'builtin:nope'"):
+        iter_rows("builtin:nope")
+    with pytest.raises(DataError, match="data format 'csv'"):
+        iter_rows(str(odd), fmt="csv")
+
+
+def test_unknown_hub_dataset_is_a_one_line_data_error(monkeypatch: pytest.MonkeyPatch):
+    """The hub path cannot succeed offline; it must still fail as a DataError, quickly."""
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert detect_format("nobody-raydpo/no-such-dataset") == "hf"
+    with pytest.raises(
+        DataError, match="could not load Hugging Face dataset 'nobody-raydpo/no-such-dataset'"
+    ) as e:
+        iter_rows("nobody-raydpo/no-such-dataset")
+    assert "\n" not in str(e.value)
+
+
+def test_max_rows_counts_good_and_bad_rows(mixed_jsonl: Path, tmp_path: Path):
+    assert [i for i, _ in iter_rows(str(mixed_jsonl), max_rows=4)] == [0, 1, 2, 3]
+    cfg = DataConfig(source=str(mixed_jsonl), max_rows=1)
+    records, report = validate_source(cfg, tmp_path / "q.jsonl")
+    assert records == GOOD_RECORDS[:1] and report.total == 1 and report.path is None
+
+
+def test_builtin_source_gives_valid_deterministic_records(tmp_path: Path):
+    records, report = validate_source(DataConfig(), tmp_path / "q.jsonl")
+    assert len(records) == 64 and report.kept == 64 and report.path is None
+    assert all(r.chosen.startswith(" ") and r.rejected.startswith(" ") and r.id for r in records)
+    assert len({r.id for r in records}) == 64
+    assert tiny_prefs(8, seed=3) == tiny_prefs(8, seed=3) != tiny_prefs(8, seed=4)
+    assert len(list(iter_rows("builtin:tiny-prefs", max_rows=5))) == 5
+
+
+# ----------------------------------------------------------------------------- shapes
+
+
+def test_custom_column_names(tmp_path: Path):
+    cols = ColumnsConfig(prompt="question", chosen="good", rejected="bad", id="uid")
+    path = write_jsonl(
+        tmp_path / "c.jsonl",
+        [{"uid": 7, "question": "Q?", "good": " yes", "bad": " no"}, {"question": "Q?", "good": " yes"}],
+    )
+    cfg = DataConfig(source=str(path), columns=cols, max_bad_fraction=0.5)
+    records, report = validate_source(cfg, tmp_path / "q.jsonl")
+    assert records == [PreferenceRecord("Q?", " yes", " no", "7")]
+    [line] = read_quarantine(tmp_path / "q.jsonl")
+    assert line["reason"] == "missing_field" and "'bad'" in line["detail"] and line["row"] == 1
+
+
+def test_implicit_prompt_from_strings():
+    cols = ColumnsConfig()
+    rec = canonicalize({"chosen": "Q: hi A: yes", "rejected": "Q: hi A: no"}, cols)
+    assert rec == PreferenceRecord("Q: hi A:", " yes", " no")
+    # divergence not after a space: the prefix is kept whole (TRL's rule)
+    assert canonicalize({"chosen": "ab1", "rejected": "ab2"}, cols) == PreferenceRecord("ab", "1", "2")
+    for chosen, rejected in [("yes", "no"), (" yes", " no"), ("Q: a", "Q: a b")]:
+        with pytest.raises(BadRow) as e:
+            canonicalize({"chosen": chosen, "rejected": rejected}, cols)
+        assert e.value.reason == "no_shared_prompt"
+
+
+def test_implicit_prompt_from_messages():
+    render = chat_renderer(tiny_tokenizer())
+    row = {
+        "chosen": [msg("user", "hi"), msg("assistant", "hello")],
+        "rejected": [msg("user", "hi"), msg("assistant", "bye")],
+    }
+    rec = canonicalize(row, ColumnsConfig(), render)
+    assert rec == PreferenceRecord("<|user|>hi\n<|assistant|>", "hello\n", "bye\n")
+    row = {"chosen": [msg("assistant", "hello")], "rejected": [msg("assistant", "bye")]}
+    with pytest.raises(BadRow) as e:
+        canonicalize(row, ColumnsConfig(), render)
+    assert e.value.reason == "no_shared_prompt"
+
+
+def test_conversational_rows_render_with_the_chat_template():
+    render = chat_renderer(tiny_tokenizer())
+    row = {
+        "id": 3,
+        "prompt": [msg("system", "be nice"), msg("user", "hi")],
+        "chosen": [msg("assistant", "hello")],
+        "rejected": [msg("assistant", "bye")],
+    }
+    rec = canonicalize(row, ColumnsConfig(), render)
+    assert rec == PreferenceRecord("<|system|>be nice\n<|user|>hi\n<|assistant|>", "hello\n", "bye\n", "3")
+    assert rec.prompt + rec.chosen == render(row["prompt"] + row["chosen"], False)
+
+
+def test_conversational_errors():
+    render = chat_renderer(tiny_tokenizer())
+    cols = ColumnsConfig()
+    p, c, r = [msg("user", "hi")], [msg("assistant", "yes")], [msg("assistant", "no")]
+    cases = {
+        "bad_message": {"prompt": p, "chosen": [{"role": "assistant", "content": 5}], "rejected": r},
+        "empty_text": {"prompt": p, "chosen": [msg("assistant", " ")], "rejected": r},
+        "identical": {"prompt": p, "chosen": c, "rejected": list(c)},
+        "wrong_type": {"prompt": "hi", "chosen": c, "rejected": r},
+    }
+    for reason, row in cases.items():
+        with pytest.raises(BadRow) as e:
+            canonicalize(row, cols, render)
+        assert e.value.reason == reason, row
+    # a template whose prompt rendering is not a prefix of the full chat
+    odd = chat_renderer(tiny_tokenizer("{{ messages | length }}{% if add_generation_prompt %}!{% endif %}"))
+    with pytest.raises(BadRow) as e:
+        canonicalize({"prompt": p, "chosen": c, "rejected": r}, cols, odd)
+    assert e.value.reason == "chat_template"
+    # a template that raises for this row
+    failing = chat_renderer(tiny_tokenizer("{{ raise_exception('no system role') }}"))
+    with pytest.raises(BadRow) as e:
+        canonicalize({"prompt": p, "chosen": c, "rejected": r}, cols, failing)
+    assert e.value.reason == "chat_template" and "no system role" in e.value.detail
+
+
+def test_conversational_data_needs_a_chat_template(tmp_path: Path):
+    with pytest.raises(DataError, match="needs a tokenizer with a chat template; .* has none"):
+        chat_renderer(tiny_tokenizer(template=None))
+    path = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [
+            {
+                "prompt": [msg("user", "hi")],
+                "chosen": [msg("assistant", "a")],
+                "rejected": [msg("assistant", "b")],
+            }
+        ],
+    )
+    qpath = tmp_path / "q.jsonl"
+    with pytest.raises(DataError, match=r"row 0: this dataset is conversational.*chat template"):
+        validate_source(DataConfig(source=str(path)), qpath)
+    assert not qpath.exists() and not (tmp_path / "q.jsonl.tmp").exists()
+
+
+def test_standard_row_checks():
+    cols = ColumnsConfig()
+    cases = {
+        "empty_text": {"prompt": " \n", "chosen": " a", "rejected": " b"},
+        "wrong_type": {"prompt": "p", "chosen": {"text": "a"}, "rejected": " b"},
+        "missing_field": {"prompt": "p", "rejected": " b"},
+    }
+    for reason, row in cases.items():
+        with pytest.raises(BadRow) as e:
+            canonicalize(row, cols)
+        assert e.value.reason == reason
+    assert canonicalize({"prompt": "p", "chosen": "a", "rejected": "b", "id": None}, cols).id is None
+
+
+# ----------------------------------------------------------------------------- quarantine file
+
+
+def test_quarantine_is_atomic_and_removes_stale_files(tmp_path: Path):
+    qpath = tmp_path / "q.jsonl"
+    qpath.write_text("stale\n")
+    rows = [(0, {"prompt": "p", "chosen": " a", "rejected": " b"})]
+    _, report = validate_rows(rows, ColumnsConfig(), None, Quarantine(qpath), "s")
+    assert report.path is None and not qpath.exists()  # nothing bad: no file, stale one gone
+
+    q = Quarantine(qpath)
+    q.add("s", 0, BadRow("identical", "x"), {"k": object(), "b": b"\xff"})
+    assert not qpath.exists() and q.tmp.exists()  # only the temp file until close
+    assert q.close() == qpath and not q.tmp.exists()
+    [line] = read_quarantine(qpath)
+    assert line["reason"] == "identical" and line["raw"]["b"] == "b'\\xff'"
+
+    def broken_rows():
+        yield 0, {"prompt": "p", "chosen": " a", "rejected": " a"}
+        raise DataError("reader failed")
+
+    with pytest.raises(DataError, match="reader failed"):
+        validate_rows(broken_rows(), ColumnsConfig(), None, Quarantine(tmp_path / "q2.jsonl"), "s")
+    assert not (tmp_path / "q2.jsonl").exists() and not (tmp_path / "q2.jsonl.tmp").exists()
+
+
+def test_quarantine_raw_falls_back_to_repr(tmp_path: Path):
+    """Non-string dict keys cannot be JSON keys: the whole raw value is stored as its repr."""
+    with Quarantine(tmp_path / "q.jsonl") as q:
+        q.add("s", 4, BadRow("wrong_type", "x"), {(1, 2): "tuple key"})
+    [line] = read_quarantine(tmp_path / "q.jsonl")
+    assert line == {
+        "source": "s",
+        "row": 4,
+        "reason": "wrong_type",
+        "detail": "x",
+        "raw": "{(1, 2): 'tuple key'}",
+    }
