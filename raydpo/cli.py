@@ -40,7 +40,9 @@ def _cmd_data_validate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="raydpo", description="Direct Preference Optimization on Ray, tracked in MLflow.")
+    p = argparse.ArgumentParser(
+        prog="raydpo", description="Direct Preference Optimization on Ray, tracked in MLflow."
+    )
     p.add_argument("--version", action="version", version=f"raydpo {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -52,18 +54,37 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="inspect preference data")
     dsub = d.add_subparsers(dest="data_command", required=True)
     v = dsub.add_parser("validate", help="validate a source; print counts per quarantine reason")
-    v.add_argument("source", help="jsonl / parquet file, HF save_to_disk dir, HF hub name, builtin:tiny-prefs")
-    v.add_argument("overrides", nargs="*", help="data config overrides, e.g. columns.prompt=question format=jsonl")
+    v.add_argument(
+        "source", help="jsonl / parquet file, HF save_to_disk dir, HF hub name, builtin:tiny-prefs"
+    )
+    v.add_argument(
+        "overrides", nargs="*", help="data config overrides, e.g. columns.prompt=question format=jsonl"
+    )
     v.add_argument("--quarantine", help="where bad rows go (default ./quarantine.jsonl)")
     v.add_argument("--tokenizer", help="tokenizer whose chat template renders conversational rows")
     v.set_defaults(func=_cmd_data_validate)
     return p
 
 
+def quiet_libraries() -> None:
+    """Keep library progress bars and advice off the console; raydpo prints its own progress."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "train" and args.config and "=" in args.config:  # `raydpo train key=value` without a file
+    if (
+        args.command == "train" and args.config and "=" in args.config
+    ):  # `raydpo train key=value` without a file
         args.overrides, args.config = [args.config, *args.overrides], None
     try:
         return args.func(args)

@@ -29,7 +29,9 @@ class LoraConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    policy: str = "builtin:tiny-llama"  # HF hub name, local HF directory, or builtin:tiny-llama / builtin:tiny-gpt2
+    policy: str = (
+        "builtin:tiny-llama"  # HF hub name, local HF directory, or builtin:tiny-llama / builtin:tiny-gpt2
+    )
     reference: str | None = None  # reference model; None = a frozen copy of the policy
     tokenizer: str | None = None  # tokenizer; None = the policy's
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # parameter dtype
@@ -47,7 +49,9 @@ class ColumnsConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    source: str = "builtin:tiny-prefs"  # jsonl / parquet file, HF save_to_disk dir, HF hub name, or builtin:tiny-prefs
+    source: str = (
+        "builtin:tiny-prefs"  # jsonl / parquet file, HF save_to_disk dir, HF hub name, or builtin:tiny-prefs
+    )
     format: Literal["auto", "jsonl", "parquet", "hf"] = "auto"  # auto = from the path
     split: str = "train"  # split of an HF dataset
     eval_source: str | None = None  # separate eval set; None = hold out eval_fraction of source
@@ -93,7 +97,8 @@ class LossConfig(_Strict):
         for p in self.params:
             if p not in allowed:
                 raise ValueError(
-                    f"unknown loss parameter {p!r} for {self.names}; allowed: {', '.join(sorted(allowed)) or 'none'}"
+                    f"unknown loss parameter {p!r} for {self.names}; "
+                    f"allowed: {', '.join(sorted(allowed)) or 'none'}"
                 )
         return self
 
@@ -126,7 +131,8 @@ class TrainConfig(_Strict):
     def _batch_splits(self) -> TrainConfig:
         if self.batch_size % self.grad_accum_steps:
             raise ValueError(
-                f"batch_size ({self.batch_size}) must be a multiple of grad_accum_steps ({self.grad_accum_steps})"
+                f"batch_size ({self.batch_size}) must be a multiple of "
+                f"grad_accum_steps ({self.grad_accum_steps})"
             )
         return self
 

@@ -40,7 +40,9 @@ def build_tokenizer(style: str = "llama", corpus: list[str] | None = None, vocab
     from transformers import PreTrainedTokenizerFast
 
     sp = _SPECIALS[style]
-    specials = [t for t in dict.fromkeys(sp.values()) if t] + (["<|im_start|>", "<|im_end|>"] if style == "qwen" else [])
+    specials = [t for t in dict.fromkeys(sp.values()) if t] + (
+        ["<|im_start|>", "<|im_end|>"] if style == "qwen" else []
+    )
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -60,7 +62,9 @@ def build_tokenizer(style: str = "llama", corpus: list[str] | None = None, vocab
     return out
 
 
-def build_model(tokenizer, arch: str = "llama", hidden: int = 64, layers: int = 2, heads: int = 4, seed: int = 0):
+def build_model(
+    tokenizer, arch: str = "llama", hidden: int = 64, layers: int = 2, heads: int = 4, seed: int = 0
+):
     """A random-init causal LM sized for tests (~100k parameters at the defaults)."""
     import torch
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
@@ -75,14 +79,18 @@ def build_model(tokenizer, arch: str = "llama", hidden: int = 64, layers: int = 
             tie_word_embeddings=False, **ids,
         )  # fmt: skip
     elif arch == "gpt2":
-        cfg = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=512, **ids)
+        cfg = GPT2Config(
+            vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=512, **ids
+        )
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}; allowed: llama, gpt2")
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg)
 
 
-def save_tiny(path: str | os.PathLike, style: str = "llama", arch: str = "llama", seed: int = 0, **model_kw) -> Path:
+def save_tiny(
+    path: str | os.PathLike, style: str = "llama", arch: str = "llama", seed: int = 0, **model_kw
+) -> Path:
     """Build a tiny tokenizer + model and save both to `path` (HF layout). Returns the path."""
     path = Path(path)
     tok = build_tokenizer(style)

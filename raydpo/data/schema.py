@@ -43,7 +43,7 @@ REASONS = (
     "bad_message",  # a conversational message lacks role/content or has wrong types
     "empty_text",  # a required text is empty or whitespace only
     "identical",  # chosen == rejected
-    "no_shared_prompt",  # implicit prompt: chosen and rejected share no prefix, or one is a prefix of the other
+    "no_shared_prompt",  # implicit prompt: no shared prefix, or a response is empty
     "chat_template",  # conversational row, but the chat template failed or is missing
     "empty_after_truncation",  # tokenization left no response tokens
 )

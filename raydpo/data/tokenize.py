@@ -54,11 +54,19 @@ def _truncate_prompt(ids: list[int], limit: int, bos_id: int | None) -> list[int
     return ids[len(ids) - limit :]
 
 
-def tokenize_pair(record: PreferenceRecord, tokenizer, max_length: int, max_prompt_length: int) -> TokenizedPair:
-    """Tokenize one record. Raises BadRow("empty_after_truncation") when a response or the prompt has no tokens."""
+def tokenize_pair(
+    record: PreferenceRecord, tokenizer, max_length: int, max_prompt_length: int
+) -> TokenizedPair:
+    """Tokenize one record.
+
+    Raises BadRow("empty_after_truncation") when the prompt or a response has no tokens left, and
+    BadRow("identical") when truncation makes the two responses the same.
+    """
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token; set tokenizer.eos_token")
-    prompt = _truncate_prompt(_encode(tokenizer, record.prompt, special=True), max_prompt_length, tokenizer.bos_token_id)
+    prompt = _truncate_prompt(
+        _encode(tokenizer, record.prompt, special=True), max_prompt_length, tokenizer.bos_token_id
+    )
     room = max_length - len(prompt)
     chosen = _response_ids(tokenizer, record.chosen)[:room]
     rejected = _response_ids(tokenizer, record.rejected)[:room]
@@ -70,7 +78,9 @@ def tokenize_pair(record: PreferenceRecord, tokenizer, max_length: int, max_prom
     return TokenizedPair(prompt, chosen, rejected, record.id)
 
 
-def collate(pairs: list[TokenizedPair], pad_id: int, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+def collate(
+    pairs: list[TokenizedPair], pad_id: int, pad_to_multiple_of: int | None = None
+) -> dict[str, torch.Tensor]:
     """Right-padded batch of 2B rows: the B chosen sequences, then the B rejected ones.
 
     Returns input_ids (2B, T), attention_mask (2B, T) and labels (2B, T) holding the token id on

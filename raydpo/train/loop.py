@@ -31,7 +31,9 @@ def seed_everything(seed: int) -> None:
 def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(
+            params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
     return torch.optim.RMSprop(params, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
@@ -98,10 +100,16 @@ def train_local(
     epoch = 0
     while len(history) < steps:
         for group in epoch_batches(pairs, cfg.train.batch_size, cfg.train.seed, epoch, cfg.train.shuffle):
-            metrics = train_step(policy, reference, collate(group, pad_id), cfg.loss, cfg.train.grad_accum_steps)
+            metrics = train_step(
+                policy, reference, collate(group, pad_id), cfg.loss, cfg.train.grad_accum_steps
+            )
             if not torch.isfinite(metrics["loss"]):
-                raise FloatingPointError(f"non-finite loss at step {len(history) + 1}; stopping before any update")
-            metrics["grad_norm"], metrics["learning_rate"] = optimizer_step(policy, opt, sched, cfg.optim.max_grad_norm)
+                raise FloatingPointError(
+                    f"non-finite loss at step {len(history) + 1}; stopping before any update"
+                )
+            metrics["grad_norm"], metrics["learning_rate"] = optimizer_step(
+                policy, opt, sched, cfg.optim.max_grad_norm
+            )
             row = {k: float(v) for k, v in metrics.items()}  # .item(): one host sync per step
             history.append(row)
             if on_log and len(history) % cfg.train.log_every == 0:

@@ -88,7 +88,9 @@ def split_batch(batch: dict, parts: int) -> list[dict]:
     size = b // parts
     out = []
     for k in range(parts):
-        sel = torch.cat([torch.arange(k * size, (k + 1) * size), torch.arange(b + k * size, b + (k + 1) * size)])
+        sel = torch.cat(
+            [torch.arange(k * size, (k + 1) * size), torch.arange(b + k * size, b + (k + 1) * size)]
+        )
         mb = {}
         for key, v in batch.items():
             mb[key] = v[k * size : (k + 1) * size] if key.startswith("ref_") else v[sel]

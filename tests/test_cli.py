@@ -1,0 +1,82 @@
+"""The `raydpo` command end to end in subprocesses: exit codes, one-line errors, outputs."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "raydpo", *args], cwd=cwd, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("loss.bta=0.1", "unknown key 'loss.bta'"),
+        ("train.batch_size=big", "train.batch_size"),
+        ("loss.name=dpo_sigmoid", "unknown loss 'dpo_sigmoid'"),
+        ("model.policy=/no/such/model", "does not exist"),
+        ("data.source=/no/such.jsonl", "does not exist"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tmp_path, override, needle):
+    r = run("train", override, f"train.output_dir={tmp_path}", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr
+
+
+def test_misspelt_key_in_yaml_file(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("loss:\n  nme: sigmoid\n")
+    r = run("train", str(cfg), cwd=tmp_path)
+    assert r.returncode == 2 and "unknown key 'loss.nme'" in r.stderr
+
+
+GOOD = [{"prompt": f"Review {i}:", "chosen": f" good {i}", "rejected": f" bad {i}"} for i in range(10)]
+
+
+def test_train_keeps_good_rows_and_quarantines_broken_ones(tmp_path):
+    data = tmp_path / "mixed.jsonl"
+    broken = [
+        '{"prompt": "x", "chosen": "same", "rejected": "same"}',  # identical
+        '{"prompt": "x", "chosen": 3, "rejected": "b"}',  # wrong_type
+        '{"prompt": "x", "rejected": "b"}',  # missing_field
+        "{not json",  # undecodable
+    ]
+    data.write_text("\n".join([json.dumps(r) for r in GOOD] + broken) + "\n")
+    args = ["train", f"data.source={data}", "data.max_bad_fraction=0.5", "train.batch_size=5",
+            "train.max_steps=2", f"train.output_dir={tmp_path}", "run_name=mixed", "data.max_length=32",
+            "data.max_prompt_length=16"]  # fmt: skip
+    r = run(*args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "14 rows, 10 kept, 4 quarantined" in r.stdout
+    q = [json.loads(line) for line in (tmp_path / "mixed" / "quarantine.jsonl").read_text().splitlines()]
+    assert sorted(x["reason"] for x in q) == ["identical", "missing_field", "undecodable", "wrong_type"]
+    assert sorted(x["row"] for x in q) == [10, 11, 12, 13]
+    assert (tmp_path / "mixed" / "final" / "model.safetensors").exists()
+    again = run(*args[:2], "data.max_bad_fraction=0.1", *args[3:], cwd=tmp_path)
+    assert again.returncode == 2 and "above data.max_bad_fraction=0.1" in again.stderr
+
+
+def test_data_validate_prints_counts(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps(GOOD[0]) + "\n" + '{"prompt": "x", "chosen": "", "rejected": "b"}\n')
+    r = run("data", "validate", str(data), "max_bad_fraction=1.0", "--quarantine", str(tmp_path / "q.jsonl"),
+            cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "2 rows, 1 kept, 1 quarantined" in r.stdout and "empty_text: 1" in r.stdout
+    assert str(tmp_path / "q.jsonl") in r.stdout
+
+
+def test_trained_model_loads_with_transformers(tmp_path):
+    r = run("train", "train.max_steps=2", f"train.output_dir={tmp_path}", "run_name=t", "data.max_length=48",
+            "data.max_prompt_length=24", cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "t" / "final")
+    assert model.config.num_hidden_layers == 2
+    assert (tmp_path / "t" / "config.yaml").exists()
