@@ -14,10 +14,10 @@ from raydpo.errors import UserError
 
 def _cmd_train(args) -> int:
     from raydpo.config import load_config
-    from raydpo.train.launch import run_local
+    from raydpo.train.launch import run
 
     cfg = load_config(args.config, args.overrides)
-    run_local(cfg)
+    run(cfg)
     return 0
 
 

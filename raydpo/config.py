@@ -62,6 +62,7 @@ class DataConfig(_Strict):
     max_bad_fraction: float = Field(0.05, ge=0, le=1)  # stop if more rows than this are quarantined
     quarantine_path: str | None = None  # None = <train.output_dir>/quarantine.jsonl
     max_rows: int | None = Field(None, gt=0)  # read at most this many rows (quick experiments)
+    tokenize_workers: int = Field(1, gt=0)  # Ray Data actors that validate and tokenize
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> DataConfig:
@@ -140,7 +141,8 @@ class TrainConfig(_Strict):
 class ScalingConfig(_Strict):
     num_workers: int = Field(1, gt=0)  # Ray Train workers (one process each)
     use_gpu: bool = False  # one GPU per worker
-    strategy: Literal["ddp", "fsdp"] = "ddp"  # data parallel or FSDP2 (GPU only)
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # DDP (gloo on CPU, NCCL on GPU) or FSDP2 fully_shard
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 on GPUs that have it, else fp32
     cpus_per_worker: float = Field(1.0, gt=0)  # CPUs Ray reserves per worker
     resources_per_worker: dict[str, float] = {}  # extra custom resources per worker
     max_failures: int = Field(0, ge=-1)  # restarts after worker failure (-1 = unlimited)

@@ -62,9 +62,18 @@ def disable_dropout(model: torch.nn.Module) -> None:
             m.p = 0.0
 
 
-def load_policy(cfg: ModelConfig):
-    """The trainable policy; with `cfg.lora` a peft model whose base is frozen."""
+def load_policy(cfg: ModelConfig, checkpoint: str | Path | None = None):
+    """The trainable policy; with `cfg.lora` a peft model whose base is frozen.
+
+    `checkpoint` is a `model/` directory of a raydpo checkpoint: the full model, or the adapter.
+    """
+    if checkpoint is not None and cfg.lora is None:
+        return _load_causal_lm(str(checkpoint), cfg)
     model = _load_causal_lm(cfg.policy, cfg)
+    if checkpoint is not None:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(checkpoint), is_trainable=True)
     if cfg.lora is not None:
         from peft import LoraConfig, get_peft_model
 

@@ -28,3 +28,46 @@ def tiny_gpt2_dir(tmp_path_factory):
 def _cache_dir(tmp_path_factory, monkeypatch):
     """Builtin models are materialized under a per-session temp cache, not the user's home."""
     monkeypatch.setenv("RAYDPO_CACHE", str(tmp_path_factory.getbasetemp() / "raydpo-cache"))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance on 127.0.0.1 shared by every Ray test (more CPU slots than cores:
+    two train workers, the data actors and the controller fit on a 2-core machine)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
+                 logging_level="WARNING")  # fmt: skip
+    from raydpo.train.launch import quiet_ray
+
+    quiet_ray()
+    yield ray
+    ray.shutdown()
+
+
+def deep_update(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@pytest.fixture
+def run_cfg(tmp_path, tiny_llama_dir):
+    """Build a small RunConfig for Ray runs: tiny Llama, builtin pairs, SQLite MLflow in tmp_path."""
+    from raydpo.config import build_config
+
+    def make(**over):
+        base = {
+            "run_name": "r",
+            "model": {"policy": str(tiny_llama_dir)},
+            "data": {"source": "builtin:tiny-prefs", "max_length": 48, "max_prompt_length": 24},
+            "optim": {"lr": 1e-3},
+            "train": {"batch_size": 4, "max_steps": 4, "log_every": 1, "output_dir": str(tmp_path / "runs")},
+            "scaling": {"num_workers": 2},
+            "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "t"},
+        }
+        return build_config(deep_update(base, over))
+
+    return make

@@ -1,6 +1,10 @@
-"""A whole training run: config → data → tokenized pairs → training → exported model.
+"""A whole training run on Ray: checks → Ray Data pipeline → TorchTrainer.fit → exported model.
 
-`run_local` trains in this process (the single-process loop of `train.loop`).
+Everything that can be wrong with the input (config, model path, data source, chat template,
+Ray address, MLflow URI) is checked on the driver before Ray starts work, so it fails in seconds
+with one line. Without RAY_ADDRESS a local Ray is started on 127.0.0.1; with it, the run joins
+that cluster. The run directory `<train.output_dir>/<run_name>` is also Ray Train's storage for
+this run: starting the same run name again resumes from its latest checkpoint.
 """
 
 from __future__ import annotations
@@ -8,58 +12,171 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
 from raydpo.config import RunConfig, dump_config
-from raydpo.data.schema import BadRow, PreferenceRecord
-from raydpo.data.tokenize import TokenizedPair, pad_token_id, tokenize_pair
-from raydpo.errors import DataError
+from raydpo.errors import UserError
+
+_MODEL_FILES_SKIP = {"trainer_state.pt"}
 
 
-def prepare_pairs(cfg: RunConfig, tokenizer, log=print) -> list[TokenizedPair]:
-    """Read, validate (quarantining bad rows) and tokenize the training data."""
-    from raydpo.data.validate import chat_renderer, validate_source
+def check_ray_address(address: str | None, timeout: float = 5.0) -> None:
+    """Fail fast when RAY_ADDRESS names a host:port that does not accept connections."""
+    if not address or address in ("auto", "local"):
+        return
+    import socket
+    from urllib.parse import urlparse
 
-    render = chat_renderer(tokenizer) if getattr(tokenizer, "chat_template", None) else None
-    qpath = Path(cfg.data.quarantine_path or cfg.run_dir / "quarantine.jsonl")
-    records, report = validate_source(cfg.data, qpath, render_chat=render)
+    url = urlparse(address if "://" in address else f"ray://{address}")
+    host, port = url.hostname, url.port or (10001 if url.scheme == "ray" else 6379)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise UserError(
+            f"RAY_ADDRESS={address}: cannot connect to {host}:{port} ({e.strerror or e})"
+        ) from None
+
+
+def init_ray(cfg: RunConfig) -> None:
+    """Join RAY_ADDRESS, or start a quiet local Ray bound to 127.0.0.1 with enough CPU slots."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    check_ray_address(address)
+    kwargs = {"logging_level": "WARNING", "log_to_driver": False, "include_dashboard": False}
+    if not address:
+        need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1
+        kwargs.update(num_cpus=int(max(os.cpu_count() or 1, need)), _node_ip_address="127.0.0.1")
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, RuntimeError) as e:
+        raise UserError(
+            f"cannot start or join Ray ({address or 'local'}): {str(e).splitlines()[0]}"
+        ) from None
+    quiet_ray()
+
+
+def quiet_ray() -> None:
+    """Ray Data's per-dataset INFO lines and MLflow's store messages are noise on the console."""
+    import logging
+
+    import ray
+
+    for name in ("ray", "ray.data", "ray.train", "ray.tune", "mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+def preflight(cfg: RunConfig):
+    """All input checks that need no Ray; returns the tokenizer."""
+    from raydpo.data.pipeline import preflight as data_preflight
+    from raydpo.modeling import load_tokenizer, resolve_model_path
+    from raydpo.tracking import check_reachable, tracking_uri
+
+    resolve_model_path(cfg.model.policy)
+    if cfg.model.reference:
+        resolve_model_path(cfg.model.reference)
+    tokenizer = load_tokenizer(cfg.model)
+    for source in filter(None, [cfg.data.source, cfg.data.eval_source]):
+        data_preflight(cfg, tokenizer, source)
+    if cfg.tracking.enabled:
+        check_reachable(tracking_uri(cfg.tracking))
+    if cfg.scaling.strategy == "fsdp" and not cfg.scaling.use_gpu:
+        raise UserError("scaling.strategy=fsdp needs scaling.use_gpu=true (FSDP2 is for GPU workers)")
+    return tokenizer
+
+
+def build_datasets(cfg: RunConfig, log):
+    from raydpo.data.pipeline import prepare_dataset
+
+    run_dir = cfg.run_dir
+    qpath = Path(cfg.data.quarantine_path or run_dir / "quarantine.jsonl")
+    train, report = prepare_dataset(cfg, cfg.data.source, qpath, cfg.data.tokenize_workers)
     log(report.summary())
-    pairs, bad = tokenize_records(records, tokenizer, cfg)
-    if bad:
-        write_tokenize_quarantine(bad, qpath.with_name(qpath.stem + ".tokenize.jsonl"), cfg.data.source)
-        log(f"{len(bad)} pairs quarantined at tokenization (see {qpath.stem}.tokenize.jsonl)")
-    if not pairs:
-        raise DataError(f"{cfg.data.source}: no usable pairs after validation and tokenization")
-    return pairs
+    reports = [report]
+    evalset = None
+    if cfg.data.eval_source:
+        evalset, er = prepare_dataset(cfg, cfg.data.eval_source, qpath.with_name("quarantine.eval.jsonl"))
+        reports.append(er)
+    elif cfg.data.eval_fraction > 0:
+        train, evalset = train.train_test_split(
+            test_size=cfg.data.eval_fraction, shuffle=True, seed=cfg.train.seed
+        )
+    return train.materialize(), (evalset.materialize() if evalset is not None else None), reports
 
 
-def tokenize_records(records: list[PreferenceRecord], tokenizer, cfg: RunConfig):
-    pairs, bad = [], []
-    for i, rec in enumerate(records):
+def total_steps(cfg: RunConfig, n_pairs: int) -> int:
+    global_batch = cfg.train.batch_size * cfg.scaling.num_workers
+    per_epoch = n_pairs // global_batch
+    if per_epoch == 0:
+        raise UserError(
+            f"{n_pairs} training pairs do not fill one global batch of {global_batch} "
+            f"(train.batch_size={cfg.train.batch_size} × scaling.num_workers={cfg.scaling.num_workers})"
+        )
+    return cfg.train.max_steps or per_epoch * cfg.train.epochs
+
+
+class Progress:
+    """Driver-side live lines fed by rank 0 through a Ray queue; also keeps the step history."""
+
+    def __init__(self, total: int, stream=sys.stderr):
+        from ray.util.queue import Queue
+
+        self.queue, self.total, self.stream = Queue(maxsize=10_000), total, stream
+        self.history: list[dict] = []
+        self._stop = threading.Event()
+        self._start = time.monotonic()
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._drain()
+
+    def _pump(self) -> None:
+        while not self._stop.is_set():
+            self._drain(timeout=0.5)
+
+    def _drain(self, timeout: float = 0.0) -> None:
+        from ray.util.queue import Empty
+
         try:
-            pairs.append(tokenize_pair(rec, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length))
-        except BadRow as e:
-            bad.append((i, rec, e))
-    return pairs, bad
+            while True:
+                item = self.queue.get(timeout=timeout) if timeout else self.queue.get_nowait()
+                self.history.append(item)
+                self.show(item)
+        except Empty:
+            return
+
+    def show(self, m: dict) -> None:
+        step = m["step"]
+        if not self.history[:-1]:  # first line: time from here on, not Ray's start-up
+            self._start, self._first = time.monotonic(), step
+        done = step - self._first
+        rate = (time.monotonic() - self._start) / done if done else 0.0
+        print(
+            f"step {step}/{self.total}  loss {m['loss']:.4f}  acc {m['rewards/accuracies']:.2f}  "
+            f"margin {m['rewards/margins']:.3f}  {m['pairs_per_second']:.1f} pairs/s  "
+            f"ETA {rate * (self.total - step):.0f}s",
+            file=self.stream, flush=True,
+        )  # fmt: skip
 
 
-def write_tokenize_quarantine(bad, path: Path, source: str) -> None:
-    import json
-
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for i, rec, err in bad:
-            line = {"source": source, "row": rec.id or i, "reason": err.reason, "detail": err.detail}
-            f.write(json.dumps({**line, "raw": rec.to_dict()}) + "\n")
-    os.replace(tmp, path)
-
-
-def save_model_atomically(model, tokenizer, target: Path) -> Path:
-    """save_pretrained into a temp dir next to `target`, then rename: never half a model on disk."""
+def export_final(checkpoint_dir: Path, tokenizer, target: Path) -> Path:
+    """Copy the last checkpoint's model (plus tokenizer) to `target`, atomically."""
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    shutil.copytree(checkpoint_dir / "model", tmp)
     tokenizer.save_pretrained(tmp)
     if target.exists():
         shutil.rmtree(target)
@@ -67,39 +184,84 @@ def save_model_atomically(model, tokenizer, target: Path) -> Path:
     return target
 
 
-def progress_printer(total: int, every: int, stream=sys.stderr):
-    """A callback printing `step s/total loss acc pairs/s ETA` lines."""
-    start = time.monotonic()
+def run(cfg: RunConfig, log=print) -> dict:
+    """Train with Ray Train and export the final policy to <run_dir>/final. Returns a summary."""
+    from raydpo.tracking import RunLogger, start_or_resume_run, tracking_uri
 
-    def show(step: int, m: dict) -> None:
-        elapsed = time.monotonic() - start
-        eta = elapsed / step * (total - step)
-        print(
-            f"step {step}/{total}  loss {m['loss']:.4f}  acc {m['rewards/accuracies']:.2f}  "
-            f"margin {m['rewards/margins']:.3f}  lr {m['learning_rate']:.2e}  ETA {eta:.0f}s",
-            file=stream, flush=True,
-        )  # fmt: skip
-
-    return show
-
-
-def run_local(cfg: RunConfig, log=print) -> dict:
-    """Train in this process and export the final policy to <run_dir>/final. Returns a summary."""
-    from raydpo.modeling import load_policy, load_reference, load_tokenizer
-    from raydpo.train.loop import seed_everything, total_steps, train_local
-    from raydpo.train.step import needs_reference
-
-    run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run_dir / "config.yaml")
-    tokenizer = load_tokenizer(cfg.model)
-    pairs = prepare_pairs(cfg, tokenizer, log)
-    seed_everything(cfg.train.seed)
-    policy = load_policy(cfg.model)
-    reference = load_reference(cfg.model) if needs_reference(cfg.loss) else None
-    steps = total_steps(cfg, len(pairs))
-    log(f"training {cfg.run_name}: {len(pairs)} pairs, {steps} steps, loss {'+'.join(cfg.loss.names)}")
-    history = train_local(cfg, pairs, policy, reference, pad_token_id(tokenizer), progress_printer(steps, 1))
-    final = save_model_atomically(policy, tokenizer, run_dir / "final")
+    tokenizer = preflight(cfg)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, cfg.run_dir / "config.yaml")
+    init_ray(cfg)
+    train, evalset, reports = build_datasets(cfg, log)
+    steps = total_steps(cfg, train.count())
+    uri = tracking_uri(cfg.tracking)
+    run_id = start_or_resume_run(cfg, kind="train")
+    driver_log = RunLogger(uri, run_id)
+    driver_log.log_artifact(cfg.run_dir / "config.yaml")
+    for r in reports:
+        driver_log.log_artifact(r.path, "quarantine") if r.path else None
+    _write_report(cfg, reports, driver_log)
+    log(f"training {cfg.run_name}: {train.count()} pairs, {steps} steps, {cfg.scaling.num_workers} worker(s), "
+        f"loss {'+'.join(cfg.loss.names)}" + (f", MLflow run {run_id}" if run_id else ""))  # fmt: skip
+    try:
+        with Progress(steps) as progress:
+            result = fit(cfg, train, evalset, steps, tokenizer, uri, run_id, progress)
+    except BaseException:
+        driver_log.finish("FAILED")
+        raise
+    final = export_final(Path(result.checkpoint.path), tokenizer, cfg.run_dir / "final")
+    driver_log.log_artifact(cfg.run_dir / "final" / "config.json", "final_model")
+    driver_log.finish()
     log(f"final model: {final}")
-    return {"run_dir": str(run_dir), "final_model": str(final), "history": history}
+    return {"run_dir": str(cfg.run_dir), "final_model": str(final), "history": progress.history,
+            "mlflow_run_id": run_id, "total_steps": steps}  # fmt: skip
+
+
+def _write_report(cfg: RunConfig, reports, driver_log) -> None:
+    import json
+
+    path = cfg.run_dir / "data_report.json"
+    path.write_text(
+        json.dumps([{**r.to_dict(), "path": str(r.path) if r.path else None} for r in reports], indent=1)
+    )
+    driver_log.log_artifact(path)
+
+
+def fit(cfg: RunConfig, train, evalset, steps: int, tokenizer, uri: str, run_id, progress):
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train.torch import TorchTrainer
+
+    from raydpo.data.tokenize import pad_token_id
+    from raydpo.train.worker import train_loop_per_worker
+
+    loop_config = {
+        "run_config": cfg.model_dump(mode="json"), "total_steps": steps, "pad_id": pad_token_id(tokenizer),
+        "tracking_uri": uri, "mlflow_run_id": run_id, "progress": progress.queue, "has_eval": evalset is not None,
+        "fault_at_step": os.environ.get("RAYDPO_FAULT_AT_STEP"), "fault_marker": os.environ.get("RAYDPO_FAULT_MARKER"),
+    }  # fmt: skip
+    datasets = {"train": train, **({"eval": evalset} if evalset is not None else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.run_name, storage_path=str(Path(cfg.train.output_dir).resolve()),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
+    )  # fmt: skip
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise RuntimeError(f"training failed: {_root_cause(e)}") from e
+
+
+def _root_cause(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[-1] if text else type(e).__name__

@@ -1,0 +1,136 @@
+"""The only module that talks to MLflow.
+
+Runs are found again by their run directory, so a restarted or resumed run keeps logging to the
+same MLflow run instead of opening a second one. Secrets never reach MLflow: params come from the
+config (which holds no credentials) and tags are set here explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from raydpo.config import RunConfig, TrackingConfig, config_to_dict, flatten
+from raydpo.errors import UserError
+
+RUN_DIR_TAG = "raydpo.run_dir"
+KIND_TAG = "raydpo.kind"
+
+
+def tracking_uri(cfg: TrackingConfig) -> str:
+    """Config first, then $MLFLOW_TRACKING_URI, then a SQLite file in the working directory."""
+    uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast with one line when an HTTP tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).read()
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise UserError(f"MLflow tracking server {uri} is not reachable: {reason}") from None
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def run_tags(cfg: RunConfig, kind: str) -> dict[str, str]:
+    import ray
+
+    from raydpo import __version__
+
+    tags = {
+        KIND_TAG: kind,
+        RUN_DIR_TAG: str(cfg.run_dir.resolve()),
+        "raydpo.version": __version__,
+        "ray.version": ray.__version__,
+        "loss": "+".join(cfg.loss.names),
+        "beta": str(cfg.loss.beta),
+        "num_workers": str(cfg.scaling.num_workers),
+    }
+    rev = git_revision()
+    if rev:
+        tags["git.revision"] = rev
+    return tags
+
+
+def start_or_resume_run(cfg: RunConfig, kind: str = "train", parent_run_id: str | None = None) -> str | None:
+    """The MLflow run id for this run directory: the existing one if any, else a new run."""
+    if not cfg.tracking.enabled:
+        return None
+    uri = tracking_uri(cfg.tracking)
+    client = _client(uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
+    run_dir = str(cfg.run_dir.resolve())
+    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_DIR_TAG}` = '{run_dir}'", max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    tags = run_tags(cfg, kind)
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp_id, run_name=cfg.run_name, tags=tags)
+    params = {k: _param(v) for k, v in flatten(config_to_dict(cfg)).items()}
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+        client.log_batch(run.info.run_id, params=items[i : i + 100])
+    return run.info.run_id
+
+
+def _param(v: Any) -> str:
+    return str(v)[:6000]
+
+
+class RunLogger:
+    """Logs step metrics and artifacts to one MLflow run (used on rank 0 and on the driver)."""
+
+    def __init__(self, uri: str, run_id: str | None):
+        self.run_id = run_id
+        self.client = _client(uri) if run_id else None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.client:
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.client and Path(path).exists():
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            if self.client:
+                self.client.set_tag(self.run_id, k, v)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.client:
+            self.client.set_terminated(self.run_id, status=status)
