@@ -89,8 +89,9 @@ def test_worker_failure_restarts_within_the_run(ray_local, run_cfg, tmp_path, mo
 
     monkeypatch.setenv("RAYDPO_FAULT_AT_STEP", "3")
     monkeypatch.setenv("RAYDPO_FAULT_MARKER", str(tmp_path / "fired"))
-    cfg = run_cfg(run_name="restart", train={"checkpoint_every": 2}, scaling={"max_failures": 1, "num_workers": 1},
-                  )  # fmt: skip
+    cfg = run_cfg(
+        run_name="restart", train={"checkpoint_every": 2}, scaling={"max_failures": 1, "num_workers": 1}
+    )
     out = run(cfg, log=lambda *_: None)
     assert (tmp_path / "fired").exists()
     assert [h["step"] for h in out["history"]] == [1, 2, 3, 4]

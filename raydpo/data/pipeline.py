@@ -70,8 +70,11 @@ def source_dataset(cfg: DataConfig, source: str):
     else:  # builtin rows, or a Hugging Face dataset, go through the shared reader
         from raydpo.data.readers import iter_rows
 
-        rows = [{"row": i, "raw": json.dumps(r, default=repr), "error": ""} for i, r in iter_rows(source, cfg.format, cfg.split)
-                if not isinstance(r, BadRow)]  # fmt: skip
+        rows = [
+            {"row": i, "raw": json.dumps(r, default=repr), "error": ""}
+            for i, r in iter_rows(source, cfg.format, cfg.split)
+            if not isinstance(r, BadRow)
+        ]
         ds = ray.data.from_items(rows)
     return ds.limit(cfg.max_rows) if cfg.max_rows else ds
 
@@ -156,7 +159,8 @@ def prepare_dataset(cfg: RunConfig, source: str, quarantine_path: Path, concurre
         source=source, total=total, kept=total - len(bad), counts=dict(q.counts), path=path
     )
     check_bad_fraction(report, cfg.data.max_bad_fraction)
-    good = ds.filter(expr=col("ok") == True).select_columns(["id", *PAIR_COLUMNS]).materialize()
+    ok = col("ok") == True  # noqa: E712 (builds a Ray Data expression)
+    good = ds.filter(expr=ok).select_columns(["id", *PAIR_COLUMNS]).materialize()
     return good, report
 
 

@@ -201,8 +201,9 @@ def run(cfg: RunConfig, log=print) -> dict:
     for r in reports:
         driver_log.log_artifact(r.path, "quarantine") if r.path else None
     _write_report(cfg, reports, driver_log)
-    log(f"training {cfg.run_name}: {train.count()} pairs, {steps} steps, {cfg.scaling.num_workers} worker(s), "
-        f"loss {'+'.join(cfg.loss.names)}" + (f", MLflow run {run_id}" if run_id else ""))  # fmt: skip
+    where = f", MLflow run {run_id}" if run_id else ""
+    log(f"training {cfg.run_name}: {train.count()} pairs, {steps} steps, "
+        f"{cfg.scaling.num_workers} worker(s), loss {'+'.join(cfg.loss.names)}{where}")  # fmt: skip
     try:
         with Progress(steps) as progress:
             result = fit(cfg, train, evalset, steps, tokenizer, uri, run_id, progress)
@@ -237,8 +238,9 @@ def fit(cfg: RunConfig, train, evalset, steps: int, tokenizer, uri: str, run_id,
 
     loop_config = {
         "run_config": cfg.model_dump(mode="json"), "total_steps": steps, "pad_id": pad_token_id(tokenizer),
-        "tracking_uri": uri, "mlflow_run_id": run_id, "progress": progress.queue, "has_eval": evalset is not None,
-        "fault_at_step": os.environ.get("RAYDPO_FAULT_AT_STEP"), "fault_marker": os.environ.get("RAYDPO_FAULT_MARKER"),
+        "tracking_uri": uri, "mlflow_run_id": run_id, "progress": progress.queue,
+        "has_eval": evalset is not None, "fault_at_step": os.environ.get("RAYDPO_FAULT_AT_STEP"),
+        "fault_marker": os.environ.get("RAYDPO_FAULT_MARKER"),
     }  # fmt: skip
     datasets = {"train": train, **({"eval": evalset} if evalset is not None else {})}
     trainer = TorchTrainer(
@@ -254,7 +256,10 @@ def fit(cfg: RunConfig, train, evalset, steps: int, tokenizer, uri: str, run_id,
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
+        # Not split: every worker streams all pairs in the same order and keeps its slice (worker.py).
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
+        ),
     )  # fmt: skip
     try:
         return trainer.fit()

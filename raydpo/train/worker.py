@@ -40,9 +40,11 @@ def make_collate(rank: int, per_worker: int, pad_id: int):
     return fn
 
 
-def epoch_batches(shard, cfg: RunConfig, epoch: int, rank: int, world: int, pad_id: int, device):
-    """This worker's micro-batch inputs for one epoch (full global batches only)."""
-    shuffle = cfg.train.shuffle
+def epoch_batches(
+    shard, cfg: RunConfig, epoch: int, rank: int, world: int, pad_id: int, device, shuffle=None
+):
+    """This worker's batches for one epoch (full global batches only), seeded per epoch."""
+    shuffle = cfg.train.shuffle if shuffle is None else shuffle
     it = shard.iter_torch_batches(
         batch_size=cfg.train.batch_size * world, drop_last=True, device="cpu",
         collate_fn=make_collate(rank, cfg.train.batch_size, pad_id),
@@ -204,8 +206,17 @@ class _Loop:
         self.policy.eval()
         sums: dict[str, torch.Tensor] = {}
         n = 0
-        for batch in epoch_batches(self.eval_shard, self.cfg.model_copy(update={"train": self.cfg.train.model_copy(update={"shuffle": False})}),
-                                   0, self.rank, self.world, self.config["pad_id"], self.device):  # fmt: skip
+        batches = epoch_batches(
+            self.eval_shard,
+            self.cfg,
+            0,
+            self.rank,
+            self.world,
+            self.config["pad_id"],
+            self.device,
+            shuffle=False,
+        )
+        for batch in batches:
             with self.autocast:
                 _, m = compute_loss(self.policy, self.reference, batch, self.cfg.loss)
             for k, v in m.items():
