@@ -421,3 +421,13 @@ def test_quarantine_raw_falls_back_to_repr(tmp_path: Path):
         "detail": "x",
         "raw": "{(1, 2): 'tuple key'}",
     }
+
+
+def test_quarantine_close_twice_keeps_the_file(tmp_path):
+    from raydpo.data.schema import BadRow
+    from raydpo.data.validate import Quarantine
+
+    with Quarantine(tmp_path / "q.jsonl") as q:
+        q.add("src", 3, BadRow("identical", "same"), {"x": 1})
+        assert q.close() == tmp_path / "q.jsonl"
+    assert (tmp_path / "q.jsonl").read_text().count("\n") == 1

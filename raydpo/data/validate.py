@@ -226,6 +226,7 @@ class Quarantine:
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self.counts: Counter[str] = Counter()
         self._file = None
+        self._closed = False
 
     def add(self, source: str, row: int, bad: BadRow, raw: Any) -> None:
         """Record one bad row; `raw` is the original row (or line text), repr'd if not JSON."""
@@ -241,7 +242,11 @@ class Quarantine:
         self.counts[bad.reason] += 1
 
     def close(self) -> Path | None:
-        """Publish the file (or remove a stale one); returns its path, or None if nothing was bad."""
+        """Publish the file (or remove a stale one); returns its path, or None if nothing was bad.
+        Closing twice is harmless (a `with` block closes again on exit)."""
+        if self._closed:
+            return self.path if self.counts else None
+        self._closed = True
         if self._file is None:
             self.path.unlink(missing_ok=True)
             return None
