@@ -141,7 +141,7 @@ class TrainConfig(_Strict):
 class ScalingConfig(_Strict):
     num_workers: int = Field(1, gt=0)  # Ray Train workers (one process each)
     use_gpu: bool = False  # one GPU per worker
-    strategy: Literal["ddp", "fsdp"] = "ddp"  # DDP (gloo on CPU, NCCL on GPU) or FSDP2 fully_shard
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # DDP, or FSDP2 fully_shard per block (gloo on CPU, NCCL on GPU)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 on GPUs that have it, else fp32
     cpus_per_worker: float = Field(1.0, gt=0)  # CPUs Ray reserves per worker
     resources_per_worker: dict[str, float] = {}  # extra custom resources per worker

@@ -82,8 +82,20 @@ def _one_line_exit_2(r, needle):
 
 def test_unreachable_ray_address(tmp_path, tiny_llama_dir):
     env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9"}  # the discard port: nothing listens
-    r = subprocess.run([sys.executable, "-m", "raydpo", "train", f"model.policy={tiny_llama_dir}",
-                        f"train.output_dir={tmp_path}"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "raydpo",
+            "train",
+            f"model.policy={tiny_llama_dir}",
+            f"train.output_dir={tmp_path}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     _one_line_exit_2(r, "RAY_ADDRESS=127.0.0.1:9: cannot connect")
 
 

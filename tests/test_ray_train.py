@@ -52,9 +52,18 @@ def test_two_workers_batch4_equal_one_worker_batch8(ray_local, run_cfg):
     two = run(run_cfg(run_name="w2", tracking={"enabled": False}), log=lambda *_: None)
     one = run(run_cfg(run_name="w1", scaling={"num_workers": 1}, train={"batch_size": 8},
                       tracking={"enabled": False}), log=lambda *_: None)  # fmt: skip
-    assert len(losses(two)) == len(losses(one)) == 4
+    fsdp = run(run_cfg(run_name="fsdp", scaling={"strategy": "fsdp"}, train={"checkpoint_every": 2},
+                       tracking={"enabled": False}), log=lambda *_: None)  # fmt: skip
+    assert len(losses(two)) == len(losses(one)) == len(losses(fsdp)) == 4
     assert losses(two) == pytest.approx(losses(one), abs=1e-4)
+    assert losses(fsdp) == pytest.approx(losses(one), abs=1e-4)  # FSDP2 (fully_shard) on gloo, same curve
     assert losses(two)[-1] < losses(two)[0] - 0.05  # it learns, so the curves are not trivially equal
+    from transformers import AutoModelForCausalLM
+
+    a = AutoModelForCausalLM.from_pretrained(fsdp["final_model"])  # gathered full weights, HF layout
+    b = AutoModelForCausalLM.from_pretrained(two["final_model"])
+    diffs = [(p - q).abs().max().item() for p, q in zip(a.state_dict().values(), b.state_dict().values())]
+    assert len(diffs) == len(b.state_dict()) and max(diffs) < 1e-4
 
 
 def test_stopped_run_resumes_same_curve_same_mlflow_run(ray_local, run_cfg, tmp_path, monkeypatch):
@@ -82,7 +91,8 @@ def test_stopped_run_resumes_same_curve_same_mlflow_run(ray_local, run_cfg, tmp_
 
 
 def test_worker_failure_restarts_within_the_run(ray_local, run_cfg, tmp_path, monkeypatch):
-    """max_failures=1: Ray restarts the workers from the latest checkpoint; one MLflow run."""
+    """max_failures=1: Ray restarts the workers from the latest checkpoint; one MLflow run.
+    With LoRA: the checkpoint and the export are the adapter; the reference is the base model."""
     from mlflow.tracking import MlflowClient
 
     from raydpo.train.launch import run
@@ -90,10 +100,19 @@ def test_worker_failure_restarts_within_the_run(ray_local, run_cfg, tmp_path, mo
     monkeypatch.setenv("RAYDPO_FAULT_AT_STEP", "3")
     monkeypatch.setenv("RAYDPO_FAULT_MARKER", str(tmp_path / "fired"))
     cfg = run_cfg(
-        run_name="restart", train={"checkpoint_every": 2}, scaling={"max_failures": 1, "num_workers": 1}
+        run_name="restart",
+        train={"checkpoint_every": 2},
+        scaling={"max_failures": 1, "num_workers": 1},
+        model={"lora": {"r": 4}},
     )
     out = run(cfg, log=lambda *_: None)
     assert (tmp_path / "fired").exists()
     assert [h["step"] for h in out["history"]] == [1, 2, 3, 4]
+    assert out["history"][0]["loss"] == pytest.approx(0.693147, abs=1e-5)  # adapters start at zero
+    assert out["history"][-1]["loss"] < out["history"][0]["loss"]
+    from peft import AutoPeftModelForCausalLM
+
+    assert (tmp_path / "runs" / "restart" / "final" / "adapter_config.json").exists()
+    AutoPeftModelForCausalLM.from_pretrained(out["final_model"])
     client = MlflowClient(tracking_uri=cfg.tracking.tracking_uri)
     assert len(client.search_runs([client.get_experiment_by_name("t").experiment_id])) == 1

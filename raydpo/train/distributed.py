@@ -96,7 +96,9 @@ def mean_across_workers(metrics: dict) -> dict[str, float]:
 
 
 def _is_fsdp(model) -> bool:
-    return any(type(m).__name__.startswith("FSDP") for m in [model])
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 def full_states(policy, opt) -> tuple[dict | None, dict]:

@@ -87,8 +87,6 @@ def preflight(cfg: RunConfig):
         data_preflight(cfg, tokenizer, source)
     if cfg.tracking.enabled:
         check_reachable(tracking_uri(cfg.tracking))
-    if cfg.scaling.strategy == "fsdp" and not cfg.scaling.use_gpu:
-        raise UserError("scaling.strategy=fsdp needs scaling.use_gpu=true (FSDP2 is for GPU workers)")
     return tokenizer
 
 
