@@ -11,6 +11,7 @@ Face sources are read in parallel blocks without a global index, so `row` is the
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -82,12 +83,15 @@ def source_dataset(cfg: DataConfig, source: str):
 class PreparePairs:
     """Actor stage: JSON text → canonical record → token ids, or a quarantine entry."""
 
-    def __init__(self, model: dict, data: dict):
+    model_cfg: dict = {}  # set by `preparer` on a subclass, so actors take no constructor arguments
+    data_cfg: dict = {}
+
+    def __init__(self):
         from raydpo.data.validate import chat_renderer
         from raydpo.modeling import load_tokenizer
 
-        self.data = DataConfig.model_validate(data)
-        self.tokenizer = load_tokenizer(ModelConfig.model_validate(model))
+        self.data = DataConfig.model_validate(self.data_cfg)
+        self.tokenizer = load_tokenizer(ModelConfig.model_validate(self.model_cfg))
         self.render = chat_renderer(self.tokenizer) if self.tokenizer.chat_template else None
 
     def one(self, raw: str, error: str) -> dict:
@@ -124,6 +128,15 @@ class PreparePairs:
         return cols
 
 
+def preparer(cfg: RunConfig) -> type[PreparePairs]:
+    """PreparePairs bound to this run's model and data configs."""
+    return type(
+        "PreparePairs",
+        (PreparePairs,),
+        {"model_cfg": cfg.model.model_dump(), "data_cfg": cfg.data.model_dump()},
+    )
+
+
 def preflight(cfg: RunConfig, tokenizer, source: str) -> None:
     """Checks on the driver before any Ray work: the source exists and, if conversational, can be rendered."""
     from raydpo.data.readers import iter_rows
@@ -138,14 +151,26 @@ def preflight(cfg: RunConfig, tokenizer, source: str) -> None:
                 )
 
 
+def _no_restarts() -> dict:
+    return {"max_restarts": 0}
+
+
 def prepare_dataset(cfg: RunConfig, source: str, quarantine_path: Path, concurrency: int = 1):
     """Validated, tokenized pairs of `source` as a materialized Dataset, plus the quarantine report."""
+    import ray
+
     from raydpo.data.validate import Quarantine, QuarantineReport, check_bad_fraction
 
-    ds = source_dataset(cfg.data, source).map_batches(
-        PreparePairs, fn_constructor_kwargs={"model": cfg.model.model_dump(), "data": cfg.data.model_dump()},
-        concurrency=concurrency, batch_size=256, batch_format="numpy",
-    ).materialize()  # fmt: skip
+    with warnings.catch_warnings():  # the only way to set max_restarts=0 until Ray 2.64 names it
+        warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*")
+        ds = source_dataset(cfg.data, source).map_batches(
+            preparer(cfg),
+            compute=ray.data.ActorPoolStrategy(size=concurrency),
+            batch_size=256,
+            batch_format="numpy",
+            ray_remote_args_fn=_no_restarts,  # a failing tokenizer actor fails the stage with its error
+        )
+    ds = ds.materialize()
     total = ds.count()
     from ray.data.expressions import col
 

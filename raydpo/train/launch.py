@@ -66,8 +66,11 @@ def quiet_ray() -> None:
 
     import ray
 
-    for name in ("ray", "ray.data", "ray.train", "ray.tune", "mlflow", "alembic"):
+    noisy = ("ray", "ray.data", "ray.train", "ray.tune", "mlflow", "alembic")
+    noisy += ("ray.data._internal.execution.streaming_executor", "mlflow.store.db.utils")
+    for name in noisy:
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
