@@ -21,6 +21,13 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_sweep(args) -> int:
+    from raydpo.sweep import run_sweep
+
+    out = run_sweep(args.sweep_file, args.overrides, resume=args.resume)
+    return 1 if out["failed"] else 0
+
+
 def _cmd_data_validate(args) -> int:
     from raydpo.config import apply_overrides, build_config
     from raydpo.data.validate import chat_renderer, validate_source
@@ -50,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", nargs="?", help="YAML config; omitted = the built-in defaults")
     t.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. loss.beta=0.1")
     t.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("sweep", help="run a sweep file on Ray Tune (one Ray Train run per trial)")
+    s.add_argument("sweep_file", help="YAML sweep definition, e.g. sweeps/sentiment.yaml")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    s.add_argument(
+        "overrides", nargs="*", help="sweep fields (num_samples=2) or base config keys (train.max_steps=8)"
+    )
+    s.set_defaults(func=_cmd_sweep)
 
     d = sub.add_parser("data", help="inspect preference data")
     dsub = d.add_subparsers(dest="data_command", required=True)

@@ -73,31 +73,38 @@ def run_tags(cfg: RunConfig, kind: str) -> dict[str, str]:
     return tags
 
 
-def start_or_resume_run(cfg: RunConfig, kind: str = "train", parent_run_id: str | None = None) -> str | None:
-    """The MLflow run id for this run directory: the existing one if any, else a new run."""
-    if not cfg.tracking.enabled:
-        return None
-    uri = tracking_uri(cfg.tracking)
-    client = _client(uri)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
-    run_dir = str(cfg.run_dir.resolve())
-    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_DIR_TAG}` = '{run_dir}'", max_results=1)
+def find_or_create_run(
+    tracking: TrackingConfig, run_dir: Path, run_name: str, tags: dict[str, str], params: dict[str, Any]
+) -> str:
+    """The MLflow run tagged with this run directory: the existing one (set RUNNING again), else a new
+    run with these tags and params. One directory, one run: restarts never duplicate runs."""
+    client = _client(tracking_uri(tracking))
+    exp = client.get_experiment_by_name(tracking.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(tracking.experiment)
+    key = str(Path(run_dir).resolve())
+    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_DIR_TAG}` = '{key}'", max_results=1)
     if found:
-        run_id = found[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
-        return run_id
-    tags = run_tags(cfg, kind)
-    if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(exp_id, run_name=cfg.run_name, tags=tags)
-    params = {k: _param(v) for k, v in flatten(config_to_dict(cfg)).items()}
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    run = client.create_run(exp_id, run_name=run_name, tags={**tags, RUN_DIR_TAG: key})
     from mlflow.entities import Param
 
-    items = [Param(k, v) for k, v in params.items()]
+    items = [Param(k, _param(v)) for k, v in params.items()]
     for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
         client.log_batch(run.info.run_id, params=items[i : i + 100])
     return run.info.run_id
+
+
+def start_or_resume_run(
+    cfg: RunConfig, kind: str = "train", parent_run_id: str | None = None, tags: dict[str, str] | None = None
+) -> str | None:
+    """The MLflow run of this training run (None when tracking is off)."""
+    if not cfg.tracking.enabled:
+        return None
+    tags = {**run_tags(cfg, kind), **(tags or {})}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    return find_or_create_run(cfg.tracking, cfg.run_dir, cfg.run_name, tags, flatten(config_to_dict(cfg)))
 
 
 def _param(v: Any) -> str:
@@ -126,6 +133,12 @@ class RunLogger:
         if self.client and Path(path).exists():
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_table(self, rows: list[dict], artifact_file: str) -> None:
+        """A table artifact that the MLflow UI shows (and compares) as a table."""
+        if self.client and rows:
+            self.client.log_table(self.run_id, data={k: [r.get(k) for r in rows] for k in rows[0]},
+                                  artifact_file=artifact_file)  # fmt: skip
+
     def set_tags(self, tags: dict[str, str]) -> None:
         for k, v in tags.items():
             if self.client:
@@ -134,3 +147,19 @@ class RunLogger:
     def finish(self, status: str = "FINISHED") -> None:
         if self.client:
             self.client.set_terminated(self.run_id, status=status)
+
+
+def close_stopped_children(uri: str, parent_run_id: str) -> int:
+    """Mark child runs still RUNNING after a sweep (trials a scheduler stopped early) as KILLED."""
+    client = _client(uri)
+    parent = client.get_run(parent_run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    )
+    n = 0
+    for run in children:
+        if run.info.status == "RUNNING":
+            client.set_tag(run.info.run_id, "raydpo.stopped_early", "true")
+            client.set_terminated(run.info.run_id, status="KILLED")
+            n += 1
+    return n

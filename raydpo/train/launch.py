@@ -129,7 +129,12 @@ class Progress:
     def __init__(self, total: int, stream=sys.stderr):
         from ray.util.queue import Queue
 
-        self.queue, self.total, self.stream = Queue(maxsize=10_000), total, stream
+        # num_cpus=0: the queue actor also fits inside a Tune trial's placement group
+        self.queue, self.total, self.stream = (
+            Queue(maxsize=10_000, actor_options={"num_cpus": 0}),
+            total,
+            stream,
+        )
         self.history: list[dict] = []
         self._stop = threading.Event()
         self._start = time.monotonic()
@@ -160,6 +165,8 @@ class Progress:
             return
 
     def show(self, m: dict) -> None:
+        if self.stream is None:
+            return
         step = m["step"]
         if not self.history[:-1]:  # first line: time from here on, not Ray's start-up
             self._start, self._first = time.monotonic(), step
@@ -185,18 +192,25 @@ def export_final(checkpoint_dir: Path, tokenizer, target: Path) -> Path:
     return target
 
 
-def run(cfg: RunConfig, log=print) -> dict:
-    """Train with Ray Train and export the final policy to <run_dir>/final. Returns a summary."""
+def run(
+    cfg: RunConfig, log=print, *, prepared=None, kind: str = "train", parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None, callbacks: list | None = None, stream=sys.stderr,
+) -> dict:  # fmt: skip
+    """Train with Ray Train and export the final policy to <run_dir>/final. Returns a summary.
+
+    A sweep trial passes `prepared` (datasets tokenized once for the whole sweep), its kind, the
+    sweep's parent MLflow run, its swept values as tags, and Tune's report callback.
+    """
     from raydpo.tracking import RunLogger, start_or_resume_run, tracking_uri
 
     tokenizer = preflight(cfg)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, cfg.run_dir / "config.yaml")
     init_ray(cfg)
-    train, evalset, reports = build_datasets(cfg, log)
+    train, evalset, reports = prepared or build_datasets(cfg, log)
     steps = total_steps(cfg, train.count())
     uri = tracking_uri(cfg.tracking)
-    run_id = start_or_resume_run(cfg, kind="train")
+    run_id = start_or_resume_run(cfg, kind=kind, parent_run_id=parent_run_id, tags=tags)
     driver_log = RunLogger(uri, run_id)
     driver_log.log_artifact(cfg.run_dir / "config.yaml")
     for r in reports:
@@ -206,8 +220,8 @@ def run(cfg: RunConfig, log=print) -> dict:
     log(f"training {cfg.run_name}: {train.count()} pairs, {steps} steps, "
         f"{cfg.scaling.num_workers} worker(s), loss {'+'.join(cfg.loss.names)}{where}")  # fmt: skip
     try:
-        with Progress(steps) as progress:
-            result = fit(cfg, train, evalset, steps, tokenizer, uri, run_id, progress)
+        with Progress(steps, stream) as progress:
+            result = fit(cfg, train, evalset, steps, tokenizer, uri, run_id, progress, callbacks)
     except BaseException:
         driver_log.finish("FAILED")
         raise
@@ -229,7 +243,7 @@ def _write_report(cfg: RunConfig, reports, driver_log) -> None:
     driver_log.log_artifact(path)
 
 
-def fit(cfg: RunConfig, train, evalset, steps: int, tokenizer, uri: str, run_id, progress):
+def fit(cfg: RunConfig, train, evalset, steps: int, tokenizer, uri: str, run_id, progress, callbacks=None):
     import ray.train
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
@@ -255,6 +269,7 @@ def fit(cfg: RunConfig, train, evalset, steps: int, tokenizer, uri: str, run_id,
             name=cfg.run_name, storage_path=str(Path(cfg.train.output_dir).resolve()),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            callbacks=callbacks,
         ),
         datasets=datasets,
         # Not split: every worker streams all pairs in the same order and keeps its slice (worker.py).

@@ -19,6 +19,11 @@ from raydpo.config import LossConfig
 from raydpo.losses import LOSSES, combined_loss
 from raydpo.modeling import SequenceLogps, sequence_logps
 
+# Names of the metrics every step reports (TRL's names) and those the eval split reports.
+EVAL_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected")  # fmt: skip
+TRAIN_METRICS = EVAL_METRICS + ("grad_norm", "learning_rate", "pairs_per_second", "tokens_per_second")
+
 
 def _pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     b = x.shape[0] // 2

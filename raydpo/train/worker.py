@@ -124,10 +124,17 @@ class _Loop:
         self.eval_shard = ray.train.get_dataset_shard("eval") if config.get("has_eval") else None
         self.progress = config.get("progress")
         self.pending: list[tuple[int, dict]] = []
+        self.last_eval: dict[str, float] = {}
         self.autocast = dist_utils.autocast(cfg.scaling, device)
 
     def run(self, pos: dict) -> None:
         total, cfg = self.config["total_steps"], self.cfg
+        if (
+            self.eval_shard is not None and cfg.train.eval_every
+        ):  # a baseline, and a value for Tune from step 1
+            self.last_eval = self.evaluate()
+            if pos["step"] == 0:
+                self.pending.append((0, dict(self.last_eval)))
         self.policy.train()
         while pos["step"] < total:
             skip = pos["batch_in_epoch"]  # resume mid-epoch: skip the batches already trained on
@@ -166,7 +173,9 @@ class _Loop:
         metrics["pairs_per_second"] = cfg.train.batch_size * self.world / max(seconds, 1e-9)
         metrics["tokens_per_second"] = tokens * self.world / max(seconds, 1e-9)
         if cfg.train.eval_every and self.eval_shard is not None and step % cfg.train.eval_every == 0:
-            metrics.update(self.evaluate())
+            self.last_eval = self.evaluate()
+            metrics.update(self.last_eval)
+        report = {"step": step, **self.last_eval, **metrics}  # Tune sees the latest eval metrics every time
         _maybe_fault(step, self.config)
         last = step == self.config["total_steps"]
         if step % cfg.train.log_every == 0 or last:
@@ -175,10 +184,10 @@ class _Loop:
                 self.progress.put_nowait({"step": step, **metrics})
         checkpointing = bool(cfg.train.checkpoint_every)
         if (checkpointing and step % cfg.train.checkpoint_every == 0) or last:
-            _report({"step": step, **metrics}, lambda p: self.checkpoint(p, pos))
+            _report(report, lambda p: self.checkpoint(p, pos))
             self.flush()
         elif step % cfg.train.log_every == 0:
-            _report({"step": step, **metrics})
+            _report(report)
             if not checkpointing:
                 self.flush()
 

@@ -1,0 +1,302 @@
+"""Sweeps: a sweep file → Ray Tune over any config key, one Ray Train run per trial.
+
+A sweep file (YAML):
+
+    name: sentiment                  # the sweep's folder under the base config's train.output_dir
+    base: ../configs/tiny.yaml       # a config path (relative to this file) or an inline mapping
+    search:                          # any config key: grid / choice / uniform / loguniform / randint
+      loss.name: {grid: [sigmoid, ipo, hinge]}
+      loss.beta: {grid: [0.1, 0.5]}
+      optim.lr: {loguniform: [1.0e-5, 1.0e-3]}
+    num_samples: 1                   # repeats of the grid (random keys are re-drawn)
+    metric: eval/rewards/accuracies  # a step metric name (eval/... needs an eval split)
+    mode: max
+    scheduler: {type: asha, grace_period: 2, reduction_factor: 2}
+    max_concurrent_trials: 2
+    trial: {num_workers: 1}          # scaling fields for every trial's Ray Train run
+
+Everything is validated before any trial starts: every value of every swept key is applied to the
+base config and checked. One Tune trial = one TorchTrainer run launched from the trial function
+(Ray Train V2); Ray Train's TuneReportCallback forwards its reports, so ASHA can stop a trial.
+Trials that do not sweep `model.*` or `data.*` share one tokenized dataset, made once.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from raydpo.config import RunConfig, _describe, _Strict, apply_overrides, build_config, read_yaml
+from raydpo.errors import ConfigError, UserError
+
+SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+SWEEP_FIELDS = set(
+    "name base search num_samples metric mode scheduler max_concurrent_trials trial seed".split()
+)
+
+
+class SearchDim(_Strict):
+    grid: list | None = None  # every value, crossed with the other grid keys
+    choice: list | None = None  # one value drawn per trial
+    uniform: tuple[float, float] | None = None  # a float drawn uniformly from [low, high]
+    loguniform: tuple[float, float] | None = None  # a float drawn log-uniformly from [low, high]
+    randint: tuple[int, int] | None = None  # an integer drawn from [low, high)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SearchDim:
+        set_ = [k for k in SPACE_KINDS if getattr(self, k) is not None]
+        if len(set_) != 1:
+            raise ValueError(f"give exactly one of {', '.join(SPACE_KINDS)} (got {set_ or 'none'})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in SPACE_KINDS if getattr(self, k) is not None)
+
+    def probe_values(self) -> list:
+        """Values that exercise validation: all listed ones, or the bounds of a range."""
+        v = getattr(self, self.kind)
+        return list(v) if self.kind != "randint" else [v[0], v[1] - 1]
+
+    def to_tune(self):
+        from ray import tune
+
+        v = getattr(self, self.kind)
+        makers = {"grid": tune.grid_search, "choice": tune.choice, "uniform": tune.uniform,
+                  "loguniform": tune.loguniform, "randint": tune.randint}  # fmt: skip
+        return makers[self.kind](v) if self.kind in ("grid", "choice") else makers[self.kind](*v)
+
+
+class SchedulerConfig(_Strict):
+    type: Literal["asha", "fifo"] = "asha"  # asha stops poor trials early; fifo runs all to the end
+    grace_period: int = Field(1, gt=0)  # steps every trial runs before it can be stopped
+    reduction_factor: float = Field(2.0, gt=1)  # ASHA keeps 1/reduction_factor at each rung
+    max_t: int | None = Field(None, gt=0)  # last rung in steps; None = train.max_steps
+
+
+class TrialScaling(_Strict):
+    num_workers: int | None = Field(None, gt=0)  # Ray Train workers per trial
+    cpus_per_worker: float | None = Field(None, gt=0)  # CPUs per worker
+    use_gpu: bool | None = None  # one GPU per worker
+    resources_per_worker: dict[str, float] | None = None  # custom resources per worker
+
+
+class SweepConfig(_Strict):
+    name: str  # the sweep's name: its folder, Tune experiment and MLflow parent run
+    base: str | dict = {}  # base run config: a YAML path relative to the sweep file, or inline
+    search: dict[str, SearchDim]  # config key → search dimension
+    num_samples: int = Field(1, gt=0)  # samples of the space (each repeats the grid)
+    metric: str = "loss"  # the metric Tune optimizes (a step metric, or eval/<name>)
+    mode: Literal["min", "max"] = "min"  # minimize or maximize it
+    scheduler: SchedulerConfig | None = None  # None = run every trial to the end
+    max_concurrent_trials: int = Field(1, gt=0)  # trials at once
+    trial: TrialScaling = TrialScaling()  # scaling for each trial's run
+    seed: int = 0  # seeds random search
+
+
+def _metric_names() -> set[str]:
+    from raydpo.train.step import EVAL_METRICS, TRAIN_METRICS
+
+    return set(TRAIN_METRICS) | {f"eval/{m}" for m in EVAL_METRICS}
+
+
+def load_sweep(path: str | os.PathLike, overrides: list[str] = ()) -> tuple[SweepConfig, dict]:
+    """Read and fully validate a sweep file; returns (sweep, base config dict with overrides)."""
+    raw = read_yaml(path)
+    sweep_over = [o for o in overrides if o.split("=", 1)[0].split(".")[0] in SWEEP_FIELDS]
+    base_over = [o for o in overrides if o not in sweep_over]
+    raw = apply_overrides(raw, sweep_over)
+    try:
+        sweep = SweepConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, str(path))) from None
+    base = (
+        read_yaml(Path(path).parent / sweep.base)
+        if isinstance(sweep.base, str)
+        else copy.deepcopy(sweep.base)
+    )
+    base = apply_overrides(base, base_over)
+    base_cfg = build_config(base, f"{path}: base")
+    validate_space(sweep, base, str(path))
+    validate_metric(sweep, base_cfg, str(path))
+    return sweep, base
+
+
+def with_params(base: dict, params: dict[str, Any], trial: TrialScaling | None = None) -> dict:
+    out = apply_overrides(base, [])
+    for key, value in params.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    if trial is not None:
+        out.setdefault("scaling", {}).update(trial.model_dump(exclude_none=True))
+    return out
+
+
+def validate_space(sweep: SweepConfig, base: dict, where: str) -> None:
+    """Every swept key must exist and every value must pass the config's own validation."""
+    for key, dim in sweep.search.items():
+        for value in dim.probe_values():
+            try:
+                RunConfig.model_validate(with_params(base, {key: value}, sweep.trial))
+            except ValidationError as e:
+                raise ConfigError(_describe(e, f"{where}: search.{key}={value!r}")) from None
+
+
+def validate_metric(sweep: SweepConfig, base: RunConfig, where: str) -> None:
+    names = _metric_names()
+    if sweep.metric not in names:
+        raise ConfigError(
+            f"{where}: metric {sweep.metric!r} is not reported; allowed: {', '.join(sorted(names))}"
+        )
+    if sweep.metric.startswith("eval/") and not (
+        (base.data.eval_fraction > 0 or base.data.eval_source) and base.train.eval_every
+    ):
+        raise ConfigError(f"{where}: metric {sweep.metric!r} needs an eval split (data.eval_fraction or "
+                          "data.eval_source) and train.eval_every in the base config")  # fmt: skip
+
+
+def check_resources(sweep: SweepConfig, base: dict) -> None:
+    """A trial that asks for more GPUs or custom resources than the cluster has can never start."""
+    import ray
+
+    scaling = RunConfig.model_validate(with_params(base, {}, sweep.trial)).scaling
+    have = ray.cluster_resources()
+    need = {"CPU": scaling.num_workers * scaling.cpus_per_worker, **{
+        k: v * scaling.num_workers for k, v in scaling.resources_per_worker.items()}}  # fmt: skip
+    if scaling.use_gpu:
+        need["GPU"] = float(scaling.num_workers)
+    for res, amount in need.items():
+        if amount > have.get(res, 0):
+            raise UserError(
+                f"sweep {sweep.name}: each trial needs {amount:g} {res} ({scaling.num_workers} workers) "
+                f"but the Ray cluster has {have.get(res, 0):g}"
+            )
+
+
+def sweep_dir(sweep: SweepConfig, base_cfg: RunConfig) -> Path:
+    return (Path(base_cfg.train.output_dir) / sweep.name).resolve()
+
+
+def shares_data(sweep: SweepConfig) -> bool:
+    return not any(k.split(".")[0] in ("model", "data") for k in sweep.search)
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def trial_main(
+    params: dict, *, base: dict, sweep: dict, root: str, parent_run_id, prepared, fault: dict
+) -> None:
+    """One Tune trial: this trial's config → one Ray Train run, its reports forwarded to Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raydpo.train.launch import run
+
+    trial = TrialScaling.model_validate(sweep["trial"])
+    cfg = build_config(with_params(base, params, trial), f"sweep {sweep['name']}")
+    trial_id = tune.get_context().get_trial_id()
+    cfg = cfg.model_copy(update={"run_name": trial_id, "train": cfg.train.model_copy(
+        update={"output_dir": str(Path(root) / "trials")})})  # fmt: skip
+    os.environ.update({k: v for k, v in fault.items() if v})
+    tags = {
+        "raydpo.sweep": sweep["name"],
+        "raydpo.trial_id": trial_id,
+        **{f"sweep.{k}": str(v) for k, v in params.items()},
+    }
+    run(cfg, log=lambda *_: None, prepared=prepared, kind="trial", parent_run_id=parent_run_id, tags=tags,
+        callbacks=[TuneReportCallback()], stream=None)  # fmt: skip
+
+
+def _tuner(sweep: SweepConfig, trainable, root: Path, max_steps: int):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    sched = FIFOScheduler()
+    if sweep.scheduler and sweep.scheduler.type == "asha":
+        s = sweep.scheduler
+        sched = ASHAScheduler(time_attr="step", max_t=s.max_t or max_steps, grace_period=s.grace_period,
+                              reduction_factor=s.reduction_factor)  # fmt: skip
+    return tune.Tuner(
+        trainable,
+        param_space={k: d.to_tune() for k, d in sweep.search.items()},
+        tune_config=tune.TuneConfig(
+            metric=sweep.metric, mode=sweep.mode, num_samples=sweep.num_samples, scheduler=sched,
+            search_alg=BasicVariantGenerator(
+                random_state=sweep.seed, max_concurrent=sweep.max_concurrent_trials
+            ),
+        ),
+        run_config=tune.RunConfig(name="tune", storage_path=str(root), verbose=0),
+    )  # fmt: skip
+
+
+def _parent_run(sweep: SweepConfig, base_cfg: RunConfig, root: Path, path: str) -> str | None:
+    from raydpo.tracking import KIND_TAG, RunLogger, find_or_create_run, tracking_uri
+
+    if not base_cfg.tracking.enabled:
+        return None
+    tags = {
+        KIND_TAG: "sweep",
+        "raydpo.sweep": sweep.name,
+        "sweep.metric": sweep.metric,
+        "sweep.mode": sweep.mode,
+    }
+    params = {f"search.{k}": f"{d.kind}:{getattr(d, d.kind)}" for k, d in sweep.search.items()}
+    params.update(num_samples=sweep.num_samples, max_concurrent_trials=sweep.max_concurrent_trials)
+    run_id = find_or_create_run(base_cfg.tracking, root, sweep.name, tags, params)
+    RunLogger(tracking_uri(base_cfg.tracking), run_id).log_artifact(path, "sweep")
+    return run_id
+
+
+def run_sweep(path: str, overrides: list[str] = (), resume: bool = False, log=print) -> dict:
+    """Validate the sweep file, run (or resume) it on Tune, log and print the summary."""
+    from ray import tune
+
+    from raydpo.sweep_report import summarize
+    from raydpo.train.launch import build_datasets, init_ray, preflight
+
+    sweep, base = load_sweep(path, list(overrides))
+    base = {**base, "run_name": sweep.name}
+    base_cfg = build_config(with_params(base, {}, sweep.trial), f"{path}: base")
+    root = sweep_dir(sweep, base_cfg)
+    tune_dir = root / "tune"
+    if resume and not tune.Tuner.can_restore(str(tune_dir)):
+        raise UserError(f"sweep {sweep.name}: nothing to resume at {tune_dir}")
+    if not resume and tune_dir.exists():
+        raise UserError(
+            f"sweep {sweep.name} already exists at {root}; pass --resume to continue it, or rename it"
+        )
+    preflight(base_cfg)
+    init_ray(base_cfg)
+    check_resources(sweep, base)
+    parent = _parent_run(sweep, base_cfg, root, path)
+    prepared = build_datasets(base_cfg, log) if shares_data(sweep) else None
+    fault = {k: os.environ.get(k, "") for k in ("RAYDPO_FAULT_AT_STEP", "RAYDPO_FAULT_MARKER")}
+    trainable = tune.with_resources(
+        tune.with_parameters(trial_main, base=base, sweep=sweep.model_dump(), root=str(root),
+                             parent_run_id=parent, prepared=prepared, fault=fault),
+        {"CPU": 0.1},  # the trial function mostly waits; its Ray Train workers hold the CPUs
+    )  # fmt: skip
+    n = _count_trials(sweep)
+    log(f"sweep {sweep.name}: {n} trial(s), metric {sweep.metric} ({sweep.mode}), results in {root}")
+    if resume:
+        tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_errored=True)
+    else:
+        tuner = _tuner(sweep, trainable, root, base_cfg.train.max_steps or 10**9)
+    results = tuner.fit()
+    return summarize(sweep, base_cfg, results, parent, root, log)
+
+
+def _count_trials(sweep: SweepConfig) -> int:
+    n = sweep.num_samples
+    for d in sweep.search.values():
+        n *= len(d.grid) if d.grid is not None else 1
+    return n

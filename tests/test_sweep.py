@@ -1,0 +1,141 @@
+"""Sweeps: validation before any trial, a 3 × 2 sweep on Ray Tune with nested MLflow runs, resume."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from raydpo.errors import ConfigError
+from raydpo.sweep import SearchDim, load_sweep
+
+
+def write(tmp_path, sweep: dict, base: dict | None = None):
+    base_path = tmp_path / "base.yaml"
+    base_path.write_text(yaml.safe_dump(base or {"model": {"policy": "builtin:tiny-llama"}}))
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"name": "s", "base": "base.yaml", **sweep}))
+    return path
+
+
+GOOD = {"search": {"loss.name": {"grid": ["sigmoid", "hinge"]}, "loss.beta": {"grid": [0.1, 0.5]}}}
+
+
+def test_valid_sweep_loads_with_overrides(tmp_path):
+    sweep, base = load_sweep(write(tmp_path, GOOD), ["num_samples=2", "train.max_steps=3"])
+    assert sweep.num_samples == 2 and base["train"]["max_steps"] == 3
+    assert sweep.search["loss.beta"].kind == "grid"
+
+
+@pytest.mark.parametrize(
+    "sweep,needle",
+    [
+        ({**GOOD, "serch": {}}, "unknown key 'serch'"),
+        ({"search": {"loss.name": {"grid": ["sigmoid", "dpo"]}}}, "search.loss.name='dpo'"),
+        ({"search": {"loss.bta": {"grid": [0.1]}}}, "unknown key 'loss.bta'"),
+        ({"search": {"loss.beta": {"grid": [0.1], "choice": [1]}}}, "exactly one of"),
+        ({"search": {"loss.beta": {"uniform": [-1.0, 1.0]}}}, "loss.beta"),
+        ({**GOOD, "metric": "accuracy"}, "metric 'accuracy' is not reported"),
+        ({**GOOD, "metric": "eval/loss"}, "needs an eval split"),
+        ({**GOOD, "scheduler": {"type": "hyperband"}}, "scheduler.type"),
+    ],
+)
+def test_bad_sweep_files_fail_before_any_trial(tmp_path, sweep, needle):
+    with pytest.raises(ConfigError) as e:
+        load_sweep(write(tmp_path, sweep))
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unknown_loss_in_search_exits_2_from_cli(tmp_path):
+    path = write(tmp_path, {"search": {"loss.name": {"grid": ["sigmoid", "sigmoidd"]}}})
+    r = subprocess.run([sys.executable, "-m", "raydpo", "sweep", str(path)], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "unknown loss 'sigmoidd'" in r.stderr
+
+
+def test_search_dim_probe_values():
+    assert SearchDim(randint=(2, 5)).probe_values() == [2, 4]
+    assert SearchDim(loguniform=(1e-5, 1e-3)).probe_values() == [1e-5, 1e-3]
+
+
+BASE = {
+    "data": {
+        "source": "builtin:tiny-prefs",
+        "max_length": 48,
+        "max_prompt_length": 24,
+        "eval_fraction": 0.25,
+    },
+    "optim": {"lr": 1e-3},
+    "train": {"batch_size": 4, "max_steps": 4, "eval_every": 2, "checkpoint_every": 2},
+}
+
+
+def _base(tmp_path, model_dir):
+    return {
+        **BASE,
+        "model": {"policy": str(model_dir)},
+        "train": {**BASE["train"], "output_dir": str(tmp_path / "o")},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'm.db'}", "experiment": "sw"},
+    }
+
+
+def _mlflow(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("sw").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("raydpo.kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("raydpo.kind") == "trial"]
+    return client, parents, children
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_six_trial_sweep_nests_runs_in_mlflow(ray_local, tmp_path, tiny_llama_dir):
+    from raydpo.sweep import run_sweep
+
+    space = {"loss.name": {"grid": ["sigmoid", "ipo", "hinge"]}, "loss.beta": {"grid": [0.1, 0.5]}}
+    sweep = {"search": space, "metric": "eval/rewards/margins", "mode": "max", "max_concurrent_trials": 2}
+    out = run_sweep(str(write(tmp_path, sweep, _base(tmp_path, tiny_llama_dir))), log=lambda *_: None)
+    assert out["failed"] == 0 and len(out["rows"]) == 6
+    margins = [r["eval/rewards/margins"] for r in out["rows"]]
+    assert margins == sorted(margins, reverse=True)  # sorted by the metric, best first
+    client, parents, children = _mlflow(tmp_path)
+    assert len(parents) == 1 and len(children) == 6
+    assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
+    combos = {(c.data.tags["sweep.loss.name"], c.data.tags["sweep.loss.beta"]) for c in children}
+    assert combos == {(n, b) for n in ("sigmoid", "ipo", "hinge") for b in ("0.1", "0.5")}
+    for c in children:
+        assert c.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(c.info.run_id, "loss")] == [1, 2, 3, 4]
+        assert c.data.params["loss.name"] == c.data.tags["sweep.loss.name"]
+    arts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "summary")}
+    assert {"summary/trials.csv", "summary/metric_vs_beta.png", "summary/trials.json"} <= arts
+    assert parents[0].data.metrics["best/eval/rewards/margins"] == pytest.approx(margins[0])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_without_duplicates(ray_local, tmp_path, tiny_llama_dir, monkeypatch):
+    from raydpo.sweep import run_sweep
+
+    path = write(
+        tmp_path, {"search": {"loss.name": {"grid": ["sigmoid", "hinge"]}}}, _base(tmp_path, tiny_llama_dir)
+    )
+    monkeypatch.setenv("RAYDPO_FAULT_AT_STEP", "3")
+    monkeypatch.setenv("RAYDPO_FAULT_MARKER", str(tmp_path / "fired"))
+    first = run_sweep(str(path), log=lambda *_: None)
+    assert first["failed"] == 1  # one trial died after step 3 (its checkpoint is at step 2)
+    client, _, children = _mlflow(tmp_path)
+    done = [c for c in children if c.info.status == "FINISHED"]
+    assert len(done) == 1
+    with pytest.raises(Exception, match="pass --resume"):
+        run_sweep(str(path), log=lambda *_: None)
+    second = run_sweep(str(path), resume=True, log=lambda *_: None)
+    assert second["failed"] == 0 and len(second["rows"]) == 2
+    client, parents, children = _mlflow(tmp_path)
+    assert len(parents) == 1 and len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    again = next(c for c in children if c.info.run_id == done[0].info.run_id)
+    assert again.info.end_time == done[0].info.end_time  # the finished trial did not run again
+    for c in children:
+        assert [m.step for m in client.get_metric_history(c.info.run_id, "loss")] == [1, 2, 3, 4]
