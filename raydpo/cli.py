@@ -85,6 +85,9 @@ def quiet_libraries() -> None:
     """Keep library progress bars and advice off the console; raydpo prints its own progress."""
     import os
 
+    if not os.environ.get("RAY_ADDRESS"):
+        # A local Ray binds to 127.0.0.1 only when Ray thinks single-node (read when ray is imported).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -139,3 +139,24 @@ def test_interrupted_sweep_resumes_without_duplicates(ray_local, tmp_path, tiny_
     assert again.info.end_time == done[0].info.end_time  # the finished trial did not run again
     for c in children:
         assert [m.step for m in client.get_metric_history(c.info.run_id, "loss")] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    "path", sorted(__import__("pathlib").Path(__file__).parents[1].glob("sweeps/*.yaml"))
+)
+def test_shipped_sweep_files_validate(path):
+    sweep, base = load_sweep(path)
+    assert sweep.search and sweep.metric
+
+
+@pytest.mark.ray
+def test_impossible_resources_fail_before_any_trial(ray_local, tmp_path):
+    from raydpo.errors import UserError
+    from raydpo.sweep import check_resources
+
+    sweep, base = load_sweep(write(tmp_path, {**GOOD, "trial": {"num_workers": 2, "use_gpu": True}}))
+    with pytest.raises(UserError, match="each trial needs 2 GPU"):
+        check_resources(sweep, base)
+    sweep, base = load_sweep(write(tmp_path, {**GOOD, "trial": {"num_workers": 64}}))
+    with pytest.raises(UserError, match="each trial needs 64 CPU"):
+        check_resources(sweep, base)
