@@ -116,3 +116,30 @@ def test_worker_failure_restarts_within_the_run(ray_local, run_cfg, tmp_path, mo
     AutoPeftModelForCausalLM.from_pretrained(out["final_model"])
     client = MlflowClient(tracking_uri=cfg.tracking.tracking_uri)
     assert len(client.search_runs([client.get_experiment_by_name("t").experiment_id])) == 1
+
+
+def test_epoch_order_is_seeded_and_differs_per_epoch(ray_local, run_cfg):
+    """Every worker sees the same seeded order (so their slices partition each global batch), the
+    order changes from epoch to epoch, and the same seed gives the same order again."""
+    import ray
+
+    from raydpo.train.worker import epoch_batches
+
+    ds = ray.data.from_items(
+        [
+            {"id": str(i), "prompt_ids": [1], "chosen_ids": [100 + i], "rejected_ids": [200 + i]}
+            for i in range(32)
+        ]
+    ).materialize()
+    cfg = run_cfg(train={"batch_size": 4})
+
+    def order(epoch, rank=0, world=1, seed_cfg=cfg):
+        return [t for b in epoch_batches(ds.iterator(), seed_cfg, epoch, rank, world, 0, "cpu")
+                for t in b["input_ids"][: b["input_ids"].shape[0] // 2, 1].tolist()]  # fmt: skip
+
+    e0, e1 = order(0), order(1)
+    assert sorted(e0) == sorted(e1) == list(range(100, 132))
+    assert e0 != e1 and order(0) == e0
+    assert order(0, seed_cfg=run_cfg(train={"batch_size": 4, "seed": 7})) != e0
+    r0, r1 = order(0, 0, 2), order(0, 1, 2)  # two workers: each takes its half of every global batch of 8
+    assert sorted(r0 + r1) == sorted(e0) and not set(r0) & set(r1)
