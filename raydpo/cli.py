@@ -28,6 +28,17 @@ def _cmd_sweep(args) -> int:
     return 1 if out["failed"] else 0
 
 
+def _cmd_task_prepare(args) -> int:
+    from raydpo.tasks.prepare import prepare
+
+    manifest = prepare(args.dir, size=args.size, seed=args.seed)
+    print(
+        f"task ready: {manifest['root']}/task.json "
+        f"(SFT policy {manifest['sft_model']}, pairs {manifest['pairs']})"
+    )
+    return 0
+
+
 def _cmd_data_validate(args) -> int:
     from raydpo.config import apply_overrides, build_config
     from raydpo.data.validate import chat_renderer, validate_source
@@ -65,6 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", help="sweep fields (num_samples=2) or base config keys (train.max_steps=8)"
     )
     s.set_defaults(func=_cmd_sweep)
+
+    t = sub.add_parser("task", help="built-in offline tasks")
+    tsub = t.add_subparsers(dest="task_name", required=True)
+    sent = tsub.add_parser(
+        "sentiment", help="controlled sentiment generation (the DPO paper's §6.1, offline)"
+    )
+    ssub = sent.add_subparsers(dest="task_command", required=True)
+    prep = ssub.add_parser("prepare", help="build corpus, tokenizer, SFT policy and preference pairs in DIR")
+    prep.add_argument("dir", help="folder for the task's files (reused when already prepared)")
+    prep.add_argument("--size", choices=["tiny", "full"], default="full", help="tiny: for tests (~1 min)")
+    prep.add_argument("--seed", type=int, default=0)
+    prep.set_defaults(func=_cmd_task_prepare)
 
     d = sub.add_parser("data", help="inspect preference data")
     dsub = d.add_subparsers(dest="data_command", required=True)

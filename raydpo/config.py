@@ -46,6 +46,8 @@ class ColumnsConfig(_Strict):
     chosen: str = "chosen"  # column holding the preferred response
     rejected: str = "rejected"  # column holding the dispreferred response
     id: str = "id"  # optional row id column
+    text: str = "text"  # SFT rows: the whole text (or use prompt + completion)
+    completion: str = "completion"  # SFT rows: the response to a prompt
 
 
 class DataConfig(_Strict):
@@ -154,8 +156,31 @@ class TrackingConfig(_Strict):
     experiment: str = "raydpo"  # MLflow experiment name
 
 
+METHODS = ("dpo", "sft", "preferred_ft", "reward_model", "ppo", "ppo_gt")
+
+
+class PPOConfig(_Strict):
+    reward_model: str | None = None  # method=ppo: a reward model directory (from method=reward_model)
+    reward: str = "vader"  # method=ppo_gt: a ground-truth reward function by name
+    rollout_batch_size: int = Field(32, gt=0)  # prompts sampled per PPO iteration per worker
+    minibatch_size: int = Field(8, gt=0)  # rollouts per gradient step
+    ppo_epochs: int = Field(2, gt=0)  # passes over each rollout batch
+    max_new_tokens: int = Field(16, gt=0)  # response length limit
+    temperature: float = Field(1.0, gt=0)  # sampling temperature of the rollouts
+    kl_coef: float = Field(0.1, ge=0)  # per-token KL penalty β (initial value when adaptive)
+    kl_target: float | None = Field(None, gt=0)  # adaptive KL controller target (None = fixed coefficient)
+    kl_horizon: int = Field(10000, gt=0)  # adaptive controller horizon, in rollouts
+    gamma: float = Field(1.0, gt=0, le=1)  # discount
+    lam: float = Field(0.95, ge=0, le=1)  # GAE λ
+    clip_range: float = Field(0.2, gt=0)  # PPO ratio clip ε
+    clip_range_value: float = Field(0.2, gt=0)  # value clip
+    vf_coef: float = Field(0.1, ge=0)  # weight of the value loss
+    whiten_advantages: bool = True  # normalize advantages per rollout batch
+
+
 class RunConfig(_Strict):
     run_name: str = "dpo"  # names the output folder and the MLflow run
+    method: Literal[METHODS] = "dpo"  # dpo | sft | preferred_ft | reward_model | ppo | ppo_gt
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     loss: LossConfig = LossConfig()
@@ -163,6 +188,13 @@ class RunConfig(_Strict):
     train: TrainConfig = TrainConfig()
     scaling: ScalingConfig = ScalingConfig()
     tracking: TrackingConfig = TrackingConfig()
+    ppo: PPOConfig = PPOConfig()  # method=ppo / ppo_gt only
+
+    @model_validator(mode="after")
+    def _method_needs(self) -> RunConfig:
+        if self.method == "ppo" and not self.ppo.reward_model:
+            raise ValueError("method=ppo needs ppo.reward_model (a directory written by method=reward_model)")
+        return self
 
     @field_validator("run_name")
     @classmethod

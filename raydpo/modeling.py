@@ -85,6 +85,25 @@ def load_policy(cfg: ModelConfig, checkpoint: str | Path | None = None):
     return model
 
 
+def load_reward_model(cfg: ModelConfig, checkpoint: str | Path | None = None):
+    """A scalar-head sequence classifier on the policy architecture (method=reward_model): the policy's
+    weights with a new head (seeded by the caller), or a saved reward model directory."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = str(checkpoint) if checkpoint is not None else resolve_model_path(cfg.policy)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
+        )
+    except OSError as e:
+        raise ConfigError(
+            f"model: cannot load {path!r} as a reward model: {str(e).splitlines()[0]}"
+        ) from None
+    if cfg.disable_dropout:
+        disable_dropout(model)
+    return model
+
+
 def load_reference(cfg: ModelConfig):
     """A frozen reference in eval mode, or None when the policy's LoRA base serves as reference."""
     if cfg.lora is not None and cfg.reference is None:

@@ -60,6 +60,7 @@ def run_tags(cfg: RunConfig, kind: str) -> dict[str, str]:
 
     tags = {
         KIND_TAG: kind,
+        "method": cfg.method,
         RUN_DIR_TAG: str(cfg.run_dir.resolve()),
         "raydpo.version": __version__,
         "ray.version": ray.__version__,

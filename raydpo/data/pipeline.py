@@ -85,6 +85,7 @@ class PreparePairs:
 
     model_cfg: dict = {}  # set by `preparer` on a subclass, so actors take no constructor arguments
     data_cfg: dict = {}
+    method: str = "dpo"  # sft rows are texts (or prompt + completion); other methods read pairs
 
     def __init__(self):
         from raydpo.data.validate import chat_renderer
@@ -106,10 +107,34 @@ class PreparePairs:
             raise BadRow("undecodable", f"invalid JSON: {e}") from None
         if not isinstance(row, dict):
             raise BadRow("wrong_type", f"a row must be a JSON object, got {type(row).__name__}")
+        if self.method == "sft":
+            return self.one_text(row)
         rec = canonicalize(row, self.data.columns, self.render)
         pair = tokenize_pair(rec, self.tokenizer, self.data.max_length, self.data.max_prompt_length)
         return {"id": rec.id, "prompt_ids": pair.prompt_ids, "chosen_ids": pair.chosen_ids,
                 "rejected_ids": pair.rejected_ids}  # fmt: skip
+
+    def one_text(self, row: dict) -> dict:
+        """An SFT row: {"text"} (trained on all of it) or {"prompt", "completion"} (on the completion)."""
+        from raydpo.data.tokenize import tokenize_text
+
+        cols = self.data.columns
+        if cols.text in row:
+            prompt, completion = "", row[cols.text]
+        else:
+            prompt, completion = row.get(cols.prompt, ""), row.get(cols.completion)
+        if completion is None:
+            raise BadRow("missing_field", f"an SFT row needs '{cols.text}' or '{cols.completion}'")
+        if not isinstance(completion, str) or not isinstance(prompt, str):
+            raise BadRow("wrong_type", "SFT text, prompt and completion must be strings")
+        if not completion.strip():
+            raise BadRow("empty_text", "the text to train on is empty")
+        pair = tokenize_text(
+            prompt, completion, self.tokenizer, self.data.max_length, self.data.max_prompt_length
+        )
+        rid = row.get(cols.id)
+        return {"id": None if rid is None else str(rid), "prompt_ids": pair.prompt_ids,
+                "chosen_ids": pair.chosen_ids, "rejected_ids": pair.rejected_ids}  # fmt: skip
 
     def __call__(self, batch: dict) -> dict:
         cols: dict[str, list] = {k: [] for k in ["row", "ok", "reason", "detail", "raw", "id", *PAIR_COLUMNS]}
@@ -130,11 +155,8 @@ class PreparePairs:
 
 def preparer(cfg: RunConfig) -> type[PreparePairs]:
     """PreparePairs bound to this run's model and data configs."""
-    return type(
-        "PreparePairs",
-        (PreparePairs,),
-        {"model_cfg": cfg.model.model_dump(), "data_cfg": cfg.data.model_dump()},
-    )
+    attrs = {"model_cfg": cfg.model.model_dump(), "data_cfg": cfg.data.model_dump(), "method": cfg.method}
+    return type("PreparePairs", (PreparePairs,), attrs)
 
 
 def preflight(cfg: RunConfig, tokenizer, source: str) -> None:

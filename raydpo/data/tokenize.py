@@ -78,8 +78,21 @@ def tokenize_pair(
     return TokenizedPair(prompt, chosen, rejected, record.id)
 
 
+def tokenize_text(
+    prompt: str, completion: str, tokenizer, max_length: int, max_prompt_length: int
+) -> TokenizedPair:
+    """An SFT example: prompt (may be empty: then only BOS, if any) → completion + EOS, same truncation
+    rules as pairs. Stored as a TokenizedPair without a rejected response."""
+    ids = _encode(tokenizer, prompt, special=True)
+    p = _truncate_prompt(ids, max_prompt_length, tokenizer.bos_token_id)
+    c = _response_ids(tokenizer, completion)[: max_length - len(p)]
+    if not c:
+        raise BadRow("empty_after_truncation", "the completion has no tokens after tokenization/truncation")
+    return TokenizedPair(p, c, [])
+
+
 def collate(
-    pairs: list[TokenizedPair], pad_id: int, pad_to_multiple_of: int | None = None
+    pairs: list[TokenizedPair], pad_id: int, pad_to_multiple_of: int | None = None, chosen_only: bool = False
 ) -> dict[str, torch.Tensor]:
     """Right-padded batch of 2B rows: the B chosen sequences, then the B rejected ones.
 
@@ -87,8 +100,10 @@ def collate(
     response positions and -100 elsewhere. Labels are not shifted: the token at t is scored from
     the logits at t-1 (see modeling.sequence_logps).
     """
-    seqs = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]
-    starts = [len(p.prompt_ids) for p in pairs] * 2
+    seqs = [p.prompt_ids + p.chosen_ids for p in pairs]
+    if not chosen_only:  # `chosen_only`: B rows (SFT, Preferred-FT) instead of 2B
+        seqs += [p.prompt_ids + p.rejected_ids for p in pairs]
+    starts = [len(p.prompt_ids) for p in pairs] * (1 if chosen_only else 2)
     width = max(len(s) for s in seqs)
     if pad_to_multiple_of:
         width = -(-width // pad_to_multiple_of) * pad_to_multiple_of

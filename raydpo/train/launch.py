@@ -76,7 +76,7 @@ def quiet_ray() -> None:
     ctx.print_on_execution_start = False
 
 
-def preflight(cfg: RunConfig):
+def preflight(cfg: RunConfig, check_data: bool = True):
     """All input checks that need no Ray; returns the tokenizer."""
     from raydpo.data.pipeline import preflight as data_preflight
     from raydpo.modeling import load_tokenizer, resolve_model_path
@@ -86,7 +86,7 @@ def preflight(cfg: RunConfig):
     if cfg.model.reference:
         resolve_model_path(cfg.model.reference)
     tokenizer = load_tokenizer(cfg.model)
-    for source in filter(None, [cfg.data.source, cfg.data.eval_source]):
+    for source in filter(None, [cfg.data.source, cfg.data.eval_source] if check_data else []):
         data_preflight(cfg, tokenizer, source)
     if cfg.tracking.enabled:
         check_reachable(tracking_uri(cfg.tracking))
@@ -172,12 +172,13 @@ class Progress:
             self._start, self._first = time.monotonic(), step
         done = step - self._first
         rate = (time.monotonic() - self._start) / done if done else 0.0
-        print(
-            f"step {step}/{self.total}  loss {m['loss']:.4f}  acc {m['rewards/accuracies']:.2f}  "
-            f"margin {m['rewards/margins']:.3f}  {m['pairs_per_second']:.1f} pairs/s  "
-            f"ETA {rate * (self.total - step):.0f}s",
-            file=self.stream, flush=True,
-        )  # fmt: skip
+        shown = [("acc", "rewards/accuracies"), ("margin", "rewards/margins"), ("acc", "accuracy"),
+                 ("ppl", "perplexity"), ("reward", "reward/mean"), ("kl", "kl")]  # fmt: skip
+        extra = "".join(f"  {label} {m[k]:.3f}" for label, k in shown if k in m)
+        speed = f"  {m['pairs_per_second']:.1f} pairs/s" if "pairs_per_second" in m else ""
+        eta = rate * (self.total - step)
+        print(f"step {step}/{self.total}  loss {m['loss']:.4f}{extra}{speed}  ETA {eta:.0f}s",
+              file=self.stream, flush=True)  # fmt: skip
 
 
 def export_final(checkpoint_dir: Path, tokenizer, target: Path) -> Path:
@@ -193,7 +194,7 @@ def export_final(checkpoint_dir: Path, tokenizer, target: Path) -> Path:
 
 
 def run(
-    cfg: RunConfig, log=print, *, prepared=None, kind: str = "train", parent_run_id: str | None = None,
+    cfg: RunConfig, log=print, *, prepared=None, kind: str | None = None, parent_run_id: str | None = None,
     tags: dict[str, str] | None = None, callbacks: list | None = None, stream=sys.stderr,
 ) -> dict:  # fmt: skip
     """Train with Ray Train and export the final policy to <run_dir>/final. Returns a summary.
@@ -203,6 +204,11 @@ def run(
     """
     from raydpo.tracking import RunLogger, start_or_resume_run, tracking_uri
 
+    if cfg.method in ("ppo", "ppo_gt"):
+        from raydpo.baselines.ppo import run_ppo
+
+        return run_ppo(cfg, log, parent_run_id=parent_run_id, tags=tags, stream=stream)
+    kind = kind or ("train" if cfg.method == "dpo" else "baseline")
     tokenizer = preflight(cfg)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, cfg.run_dir / "config.yaml")

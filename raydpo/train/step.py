@@ -85,17 +85,17 @@ def _metrics(loss, pol: SequenceLogps, ref_sum, out, beta: float) -> dict[str, t
     }
 
 
-def split_batch(batch: dict, parts: int) -> list[dict]:
-    """Split a collated batch of B pairs into `parts` micro-batches of B/parts pairs each."""
+def split_batch(batch: dict, parts: int, paired: bool = True) -> list[dict]:
+    """Split a collated batch of B pairs (or B single rows) into `parts` micro-batches."""
     if parts == 1:
         return [batch]
-    b = batch["input_ids"].shape[0] // 2
+    b = batch["input_ids"].shape[0] // (2 if paired else 1)
     size = b // parts
     out = []
     for k in range(parts):
-        sel = torch.cat(
-            [torch.arange(k * size, (k + 1) * size), torch.arange(b + k * size, b + (k + 1) * size)]
-        )
+        sel = torch.arange(k * size, (k + 1) * size)
+        if paired:
+            sel = torch.cat([sel, torch.arange(b + k * size, b + (k + 1) * size)])
         mb = {}
         for key, v in batch.items():
             mb[key] = v[k * size : (k + 1) * size] if key.startswith("ref_") else v[sel]
@@ -109,19 +109,26 @@ def _trim(mb: dict) -> dict:
     return {k: (v[:, :width] if v.dim() == 2 else v) for k, v in mb.items()}
 
 
-def train_step(policy, reference, batch: dict, loss_cfg: LossConfig, accum_steps: int = 1, sync=None) -> dict:
+def train_step(policy, reference, batch: dict, objective, accum_steps: int = 1, sync=None) -> dict:
     """Forward + backward over `accum_steps` micro-batches; gradients accumulate in the policy.
+
+    `objective` is an `objectives.Objective` (or a LossConfig, meaning DPO with those losses).
 
     Each micro-batch loss is scaled by 1/accum_steps, so the summed gradient equals that of the
     whole batch's mean loss. `sync(is_last)` returns a context manager (DDP's no_sync on all but the
     last micro-batch); None means no gradient synchronization to manage. Returns averaged metrics.
     """
+    if isinstance(objective, LossConfig):
+        from raydpo.train.objectives import Objective
+
+        loss_cfg = objective
+        objective = Objective(lambda m, ref, b: compute_loss(m, ref, b, loss_cfg), paired=True)
     totals: dict[str, torch.Tensor] = {}
-    micro = split_batch(batch, accum_steps)
+    micro = split_batch(batch, accum_steps, objective.paired)
     for i, mb in enumerate(micro):
         ctx = sync(i == len(micro) - 1) if sync else nullcontext()
         with ctx:
-            loss, metrics = compute_loss(policy, reference, mb, loss_cfg)
+            loss, metrics = objective(policy, reference, mb)
             (loss / len(micro)).backward()
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0) + v / len(micro)

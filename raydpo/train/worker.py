@@ -19,12 +19,13 @@ from raydpo.data.tokenize import TokenizedPair, collate
 from raydpo.train import distributed as dist_utils
 from raydpo.train.checkpointing import load_trainer_state, save_checkpoint, set_rng_state
 from raydpo.train.loop import build_optimizer, build_scheduler, optimizer_step, seed_everything
+from raydpo.train.objectives import make_objective
 from raydpo.train.step import needs_reference, train_step
 
 SHUFFLE_BUFFER = 20_000  # pairs held for the seeded per-epoch shuffle
 
 
-def make_collate(rank: int, per_worker: int, pad_id: int):
+def make_collate(rank: int, per_worker: int, pad_id: int, chosen_only: bool = False):
     """collate_fn for iter_torch_batches: this rank's slice of a global batch → padded tensors."""
 
     def fn(batch: dict) -> dict:
@@ -35,7 +36,7 @@ def make_collate(rank: int, per_worker: int, pad_id: int):
                 batch["prompt_ids"][lo:hi], batch["chosen_ids"][lo:hi], batch["rejected_ids"][lo:hi]
             )
         ]
-        return collate(pairs, pad_id)
+        return collate(pairs, pad_id, chosen_only=chosen_only)
 
     return fn
 
@@ -47,7 +48,7 @@ def epoch_batches(
     shuffle = cfg.train.shuffle if shuffle is None else shuffle
     it = shard.iter_torch_batches(
         batch_size=cfg.train.batch_size * world, drop_last=True, device="cpu",
-        collate_fn=make_collate(rank, cfg.train.batch_size, pad_id),
+        collate_fn=make_collate(rank, cfg.train.batch_size, pad_id, cfg.method in ("sft", "preferred_ft")),
         local_shuffle_buffer_size=SHUFFLE_BUFFER if shuffle else None,
         local_shuffle_seed=cfg.train.seed * 1_000_003 + epoch if shuffle else None,
     )  # fmt: skip
@@ -57,13 +58,14 @@ def epoch_batches(
 
 def _restore(cfg: RunConfig, ckpt):
     """(policy, trainer state or None) from the latest Ray checkpoint, else a fresh policy."""
-    from raydpo.modeling import load_policy
+    from raydpo.modeling import load_policy, load_reward_model
 
+    load = load_reward_model if cfg.method == "reward_model" else load_policy
     if ckpt is None:
-        return load_policy(cfg.model), None
+        return load(cfg.model), None
     with ckpt.as_directory() as d:
         state = load_trainer_state(Path(d))
-        return load_policy(cfg.model, checkpoint=Path(d) / "model"), state
+        return load(cfg.model, checkpoint=Path(d) / "model"), state
 
 
 def _report(metrics: dict, ckpt_fn=None) -> None:
@@ -88,7 +90,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     seed_everything(cfg.train.seed)
     policy, state = _restore(cfg, ray.train.get_checkpoint())
-    reference = load_reference(cfg.model) if needs_reference(cfg.loss) else None
+    reference = load_reference(cfg.model) if cfg.method == "dpo" and needs_reference(cfg.loss) else None
     policy, reference, device = dist_utils.prepare(policy, reference, cfg.scaling)
     opt = build_optimizer(policy.parameters(), cfg.optim)
     sched = build_scheduler(opt, cfg.optim, config["total_steps"])
@@ -126,6 +128,7 @@ class _Loop:
         self.pending: list[tuple[int, dict]] = []
         self.last_eval: dict[str, float] = {}
         self.autocast = dist_utils.autocast(cfg.scaling, device)
+        self.objective = make_objective(cfg)
 
     def run(self, pos: dict) -> None:
         total, cfg = self.config["total_steps"], self.cfg
@@ -159,7 +162,7 @@ class _Loop:
         sync = dist_utils.no_sync_factory(self.policy)
         with self.autocast:
             metrics = train_step(
-                self.policy, self.reference, batch, self.cfg.loss, self.cfg.train.grad_accum_steps, sync
+                self.policy, self.reference, batch, self.objective, self.cfg.train.grad_accum_steps, sync
             )
         metrics = dist_utils.mean_across_workers(metrics)  # one all-reduce + one host sync per step
         if not torch.isfinite(torch.tensor(metrics["loss"])):
@@ -210,8 +213,6 @@ class _Loop:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        from raydpo.train.step import compute_loss
-
         self.policy.eval()
         sums: dict[str, torch.Tensor] = {}
         n = 0
@@ -227,7 +228,7 @@ class _Loop:
         )
         for batch in batches:
             with self.autocast:
-                _, m = compute_loss(self.policy, self.reference, batch, self.cfg.loss)
+                _, m = self.objective(self.policy, self.reference, batch)
             for k, v in m.items():
                 sums[k] = sums.get(k, 0) + v
             n += 1

@@ -1,0 +1,1 @@
+"""The RLHF side of the comparison: SFT, reward model, PPO and best-of-N baselines."""
