@@ -39,6 +39,29 @@ def wait_http(url: str, timeout: float = 90) -> None:
     raise TimeoutError(url)
 
 
+def wait_job_agent(address: str, env: dict, timeout: float = 120) -> None:
+    """The dashboard answers before its job agent is up ("No available agent to submit job"): submit a
+    trivial job until one goes through."""
+    end = time.time() + timeout
+    while time.time() < end:
+        cmd = [
+            BIN / "ray",
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--",
+            sys.executable,
+            "-c",
+            "print('ready')",
+        ]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if r.returncode == 0:
+            return
+        time.sleep(2)
+    raise TimeoutError(f"no job agent at {address}")
+
+
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     import ray
@@ -62,7 +85,9 @@ def ray_head(tmp_path_factory):
     subprocess.run(cmd, env=env, check=True, capture_output=True)
     try:
         wait_http(f"http://127.0.0.1:{dash}/api/version")
-        yield f"http://127.0.0.1:{dash}", env
+        address = f"http://127.0.0.1:{dash}"
+        wait_job_agent(address, env)
+        yield address, env
     finally:
         subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True)
 
