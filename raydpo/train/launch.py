@@ -172,12 +172,13 @@ class Progress:
             self._start, self._first = time.monotonic(), step
         done = step - self._first
         rate = (time.monotonic() - self._start) / done if done else 0.0
-        shown = [("acc", "rewards/accuracies"), ("margin", "rewards/margins"), ("acc", "accuracy"),
-                 ("ppl", "perplexity"), ("reward", "reward/mean"), ("kl", "kl")]  # fmt: skip
+        shown = [("loss", "loss"), ("acc", "rewards/accuracies"), ("margin", "rewards/margins"),
+                 ("acc", "accuracy"), ("ppl", "perplexity"), ("reward", "reward/mean"),
+                 ("gt reward", "reward/gt_mean"), ("kl", "kl")]  # fmt: skip
         extra = "".join(f"  {label} {m[k]:.3f}" for label, k in shown if k in m)
         speed = f"  {m['pairs_per_second']:.1f} pairs/s" if "pairs_per_second" in m else ""
         eta = rate * (self.total - step)
-        print(f"step {step}/{self.total}  loss {m['loss']:.4f}{extra}{speed}  ETA {eta:.0f}s",
+        print(f"step {step}/{self.total}{extra}{speed}  ETA {eta:.0f}s",
               file=self.stream, flush=True)  # fmt: skip
 
 

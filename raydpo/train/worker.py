@@ -175,13 +175,16 @@ class _Loop:
         step, cfg = pos["step"], self.cfg
         metrics["pairs_per_second"] = cfg.train.batch_size * self.world / max(seconds, 1e-9)
         metrics["tokens_per_second"] = tokens * self.world / max(seconds, 1e-9)
-        if cfg.train.eval_every and self.eval_shard is not None and step % cfg.train.eval_every == 0:
+        evaluated = bool(
+            cfg.train.eval_every and self.eval_shard is not None and step % cfg.train.eval_every == 0
+        )
+        if evaluated:
             self.last_eval = self.evaluate()
             metrics.update(self.last_eval)
         report = {"step": step, **self.last_eval, **metrics}  # Tune sees the latest eval metrics every time
         _maybe_fault(step, self.config)
         last = step == self.config["total_steps"]
-        if step % cfg.train.log_every == 0 or last:
+        if step % cfg.train.log_every == 0 or last or evaluated:  # eval results are always logged
             self.pending.append((step, metrics))
             if self.progress is not None and self.rank == 0:
                 self.progress.put_nowait({"step": step, **metrics})
