@@ -97,3 +97,19 @@ def test_override_parsing():
 
 def test_flatten():
     assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}
+
+
+def test_shipped_configs_validate():
+    from pathlib import Path
+
+    paths = sorted(Path(__file__).parents[1].glob("configs/**/*.yaml"))
+    assert len(paths) >= 6
+    for p in paths:
+        load_config(p)
+
+
+def test_ppo_needs_a_reward_model():
+    with pytest.raises(ConfigError, match="method=ppo needs ppo.reward_model"):
+        load_config(None, ["method=ppo"])
+    with pytest.raises(ConfigError, match="method"):
+        load_config(None, ["method=rlhf"])

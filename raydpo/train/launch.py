@@ -224,8 +224,10 @@ def run(
         driver_log.log_artifact(r.path, "quarantine") if r.path else None
     _write_report(cfg, reports, driver_log)
     where = f", MLflow run {run_id}" if run_id else ""
-    log(f"training {cfg.run_name}: {train.count()} pairs, {steps} steps, "
-        f"{cfg.scaling.num_workers} worker(s), loss {'+'.join(cfg.loss.names)}{where}")  # fmt: skip
+    what = f"loss {'+'.join(cfg.loss.names)}" if cfg.method == "dpo" else f"method {cfg.method}"
+    unit = "texts" if cfg.method == "sft" else "pairs"
+    log(f"training {cfg.run_name}: {train.count()} {unit}, {steps} steps, "
+        f"{cfg.scaling.num_workers} worker(s), {what}{where}")  # fmt: skip
     try:
         with Progress(steps, stream) as progress:
             result = fit(cfg, train, evalset, steps, tokenizer, uri, run_id, progress, callbacks)
