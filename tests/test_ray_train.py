@@ -143,3 +143,25 @@ def test_epoch_order_is_seeded_and_differs_per_epoch(ray_local, run_cfg):
     assert order(0, seed_cfg=run_cfg(train={"batch_size": 4, "seed": 7})) != e0
     r0, r1 = order(0, 0, 2), order(0, 1, 2)  # two workers: each takes its half of every global batch of 8
     assert sorted(r0 + r1) == sorted(e0) and not set(r0) & set(r1)
+
+
+def test_parquet_source_quarantines_by_id(ray_local, run_cfg, tmp_path):
+    """Parquet is read in parallel blocks without a global index: quarantine lines carry the row's id."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raydpo.data.pipeline import prepare_dataset
+
+    rows = [
+        {"id": f"r{i}", "prompt": f"Review {i}:", "chosen": f" good {i}", "rejected": f" bad {i}"}
+        for i in range(9)
+    ]
+    rows.append({"id": "broken", "prompt": "x", "chosen": "same", "rejected": "same"})
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    cfg = run_cfg(data={"source": str(tmp_path / "d.parquet"), "max_bad_fraction": 0.5})
+    good, report = prepare_dataset(cfg, cfg.data.source, tmp_path / "q.jsonl")
+    assert good.count() == 9 and report.counts == {"identical": 1}
+    line = json.loads((tmp_path / "q.jsonl").read_text())
+    assert line["row"] == "broken" and line["reason"] == "identical" and line["raw"]["chosen"] == "same"

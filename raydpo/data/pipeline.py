@@ -199,8 +199,13 @@ def prepare_dataset(cfg: RunConfig, source: str, quarantine_path: Path, concurre
     bad = ds.filter(expr=col("ok") == False).take_all()  # noqa: E712 (an expression, not a comparison)
     with Quarantine(quarantine_path) as q:
         for r in sorted(bad, key=lambda r: r["row"]):
-            row = r["row"] if r["row"] >= 0 else None
-            q.add(source, row, BadRow(r["reason"], r["detail"]), _raw(r["raw"]))
+            raw = _raw(r["raw"])
+            row = (
+                r["row"]
+                if r["row"] >= 0
+                else (raw.get(cfg.data.columns.id) if isinstance(raw, dict) else None)
+            )
+            q.add(source, row, BadRow(r["reason"], r["detail"]), raw)
         path = q.close()
     report = QuarantineReport(
         source=source, total=total, kept=total - len(bad), counts=dict(q.counts), path=path
