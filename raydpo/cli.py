@@ -39,6 +39,13 @@ def _cmd_task_prepare(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from raydpo.evaluate.run import run_eval
+
+    run_eval(args.config, args.overrides)
+    return 0
+
+
 def _cmd_data_validate(args) -> int:
     from raydpo.config import apply_overrides, build_config
     from raydpo.data.validate import chat_renderer, validate_source
@@ -76,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", help="sweep fields (num_samples=2) or base config keys (train.max_steps=8)"
     )
     s.set_defaults(func=_cmd_sweep)
+
+    e = sub.add_parser("eval", help="sample policies, judge them against baselines, log win rates to MLflow")
+    e.add_argument("config", help="YAML eval config (policies, baselines, judge, prompts, reference)")
+    e.add_argument("overrides", nargs="*", help="key=value overrides of the eval config")
+    e.set_defaults(func=_cmd_eval)
 
     t = sub.add_parser("task", help="built-in offline tasks")
     tsub = t.add_subparsers(dest="task_name", required=True)

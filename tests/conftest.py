@@ -38,8 +38,14 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
-                 logging_level="WARNING")  # fmt: skip
+        ray.init(
+            address="local",
+            num_cpus=4,
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level="WARNING",
+        )
     from raydpo.train.launch import quiet_ray
 
     quiet_ray()

@@ -50,7 +50,9 @@ def init_ray(cfg: RunConfig) -> None:
     kwargs = {"logging_level": "WARNING", "log_to_driver": False, "include_dashboard": False}
     if not address:
         need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1
-        kwargs.update(num_cpus=int(max(os.cpu_count() or 1, need)), _node_ip_address="127.0.0.1")
+        kwargs.update(
+            address="local", num_cpus=int(max(os.cpu_count() or 1, need)), _node_ip_address="127.0.0.1"
+        )
     try:
         ray.init(**kwargs)
     except (ConnectionError, RuntimeError) as e:

@@ -1,0 +1,76 @@
+"""Tables and plots of an evaluation: results table, reward–KL frontier, win rates with error bars."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _iv(iv) -> str:
+    return f"{iv.estimate:.3f} [{iv.low:.3f}, {iv.high:.3f}]"
+
+
+def results_table(results: dict, baselines: list[str]) -> str:
+    """One line per policy and temperature: mean reward, KL, win rate vs each baseline (95% intervals)."""
+    cols = ["method", "temp", "reward", "kl"] + [f"win vs {b}" for b in baselines]
+    lines = []
+    for name, by_t in results.items():
+        for t, m in sorted(by_t.items()):
+            cells = [name, f"{t:g}", _iv(m["reward/mean"]) if "reward/mean" in m else "-", _iv(m["kl"])]
+            cells += [_iv(m[f"winrate/vs_{b}"]) if f"winrate/vs_{b}" in m else "-" for b in baselines]
+            lines.append(cells)
+    widths = [max(len(c), *(len(r[i]) for r in lines)) for i, c in enumerate(cols)]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([fmt(cols), fmt(["-" * w for w in widths])] + [fmt(r) for r in lines])
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_frontier(results: dict, path: Path) -> Path | None:
+    """Mean reward against KL to the reference, one series per method (a point per temperature)."""
+    pts = {
+        n: sorted((m["kl"].estimate, m["reward/mean"].estimate) for m in by_t.values() if "reward/mean" in m)
+        for n, by_t in results.items()
+    }
+    if not any(pts.values()):
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for n, p in sorted(pts.items()):
+        ax.plot([x for x, _ in p], [y for _, y in p], marker="o", label=n)
+    ax.set_xlabel("KL(π ‖ π_ref), nats per sample")
+    ax.set_ylabel("mean ground-truth reward")
+    ax.set_title("reward–KL frontier")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_winrates(results: dict, baselines: list[str], path: Path) -> Path | None:
+    """Win rate of each method against each baseline (first temperature), with 95% error bars."""
+    bars = [(n, b, m[f"winrate/vs_{b}"]) for n, by_t in results.items() for b in baselines
+            for t, m in sorted(by_t.items())[:1] if f"winrate/vs_{b}" in m]  # fmt: skip
+    if not bars:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = range(len(bars))
+    ys = [iv.estimate for _, _, iv in bars]
+    err = [[y - iv.low for y, (_, _, iv) in zip(ys, bars)], [iv.high - y for y, (_, _, iv) in zip(ys, bars)]]
+    ax.bar(xs, ys, yerr=err, capsize=4)
+    ax.axhline(0.5, color="gray", linestyle="--", linewidth=1)
+    ax.set_xticks(list(xs), [f"{n}\nvs {b}" for n, b, _ in bars])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("win rate (ties = ½)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,202 @@
+"""`raydpo eval CONFIG`: sample every policy on the same prompts, judge them against named baselines,
+estimate reward and KL to the reference, and log it all to MLflow.
+
+An eval config (YAML):
+
+    name: sentiment-eval
+    prompts: runs/sentiment-task/eval_prompts.jsonl    # rows with a prompt column
+    reference: runs/sentiment-task/runs/sft/final     # for KL(π‖π_ref), estimated from the samples
+    policies: {sft: runs/sentiment-task/runs/sft/final, dpo: runs/sentiment-dpo}   # HF dirs or run dirs
+    baselines: [sft]                                   # every policy is compared with each of these
+    judge: {kind: reward, name: vader}                 # see evaluate/judges.py
+    reward: vader                                      # ground-truth reward for mean reward (optional)
+    temperatures: [0.0, 1.0]
+
+MLflow: one parent run (`raydpo.kind=eval`) holding the results table, the reward–KL frontier plot
+and the win-rate plot; one child run per policy, tagged with the policy's path and, when it came
+from a raydpo run, that run's id, with metrics `winrate/vs_<baseline>` (+ `_ci_low`, `_ci_high`),
+`reward/mean` and `kl` (+ intervals), logged at step = round(100 × temperature), and a sample table.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, ValidationError, model_validator
+
+from raydpo.config import TrackingConfig, _describe, _Strict, apply_overrides, read_yaml
+from raydpo.errors import ConfigError, UserError
+
+
+class EvalConfig(_Strict):
+    name: str = "eval"  # the eval's folder under output_dir and its MLflow parent run
+    prompts: str  # prompt source: jsonl / parquet / HF dataset with a prompt column
+    prompt_column: str = "prompt"  # column holding the prompt
+    max_prompts: int | None = Field(None, gt=0)  # use the first N prompts
+    reference: str  # reference model directory (for KL)
+    policies: dict[str, str]  # name → HF model directory, or a raydpo run directory (uses its final/)
+    baselines: list[str] = []  # policy names that every other policy is compared against
+    judge: dict = {"kind": "reward", "name": "vader"}  # judge spec (evaluate/judges.py)
+    reward: str | None = "vader"  # ground-truth reward name for mean reward; None = skip
+    temperatures: list[float] = [1.0]  # sampling temperatures (0 = greedy)
+    n: int = Field(1, gt=0)  # samples per prompt and temperature
+    max_new_tokens: int = Field(24, gt=0)  # completion length limit
+    seed: int = 0  # sampling seed
+    output_dir: str = "runs"  # results go to <output_dir>/<name>
+    tracking: TrackingConfig = TrackingConfig()  # MLflow store and experiment
+
+    @model_validator(mode="after")
+    def _baselines_known(self) -> EvalConfig:
+        for b in self.baselines:
+            if b not in self.policies:
+                raise ValueError(f"baseline {b!r} is not one of the policies ({', '.join(self.policies)})")
+        return self
+
+
+def load_eval_config(path: str | os.PathLike, overrides: list[str] = ()) -> EvalConfig:
+    try:
+        return EvalConfig.model_validate(apply_overrides(read_yaml(path), list(overrides)))
+    except ValidationError as e:
+        raise ConfigError(_describe(e, str(path))) from None
+
+
+def resolve_policy(path: str) -> Path:
+    """An HF model directory, or a raydpo run directory whose final/ is one."""
+    p = Path(path).expanduser()
+    for cand in (p, p / "final"):
+        if (cand / "config.json").exists():
+            return cand.resolve()
+    raise UserError(f"policy {path!r}: neither it nor {path}/final is a model directory (no config.json)")
+
+
+def read_prompts(cfg: EvalConfig) -> list[str]:
+    from raydpo.data.readers import iter_rows
+
+    prompts = [r[cfg.prompt_column] for _, r in iter_rows(cfg.prompts, max_rows=cfg.max_prompts)
+               if isinstance(r, dict) and isinstance(r.get(cfg.prompt_column), str)]  # fmt: skip
+    if not prompts:
+        raise UserError(f"{cfg.prompts}: no rows with a '{cfg.prompt_column}' string")
+    return prompts
+
+
+def _by_temperature(rows: list[dict], t: float) -> list[dict]:
+    return sorted((r for r in rows if r["temperature"] == t), key=lambda r: (r["sample"], r["idx"]))
+
+
+def summarize_policy(rows: list[dict], t: float, reward) -> dict:
+    """Mean ground-truth reward and KL to the reference, with 95% intervals, at temperature t."""
+    from raydpo.evaluate.metrics import kl_from_samples, mean_interval
+
+    rs = _by_temperature(rows, t)
+    out = {"kl": kl_from_samples([r["logp_policy"] for r in rs], [r["logp_ref"] for r in rs])}
+    if reward is not None:
+        out["reward/mean"] = mean_interval(reward([r["completion"] for r in rs]))
+    return out
+
+
+def compare(judge, rows_a: list[dict], rows_b: list[dict], t: float):
+    """Win rate of A over B on the same prompts and sample slots, with the verdicts."""
+    from raydpo.evaluate.metrics import win_rate
+
+    a, b = _by_temperature(rows_a, t), _by_temperature(rows_b, t)
+    verdicts = judge.compare(
+        [r["prompt"] for r in a], [r["completion"] for r in a], [r["completion"] for r in b]
+    )
+    return win_rate(verdicts.outcomes), verdicts, a, b
+
+
+def _interval_metrics(name: str, iv) -> dict[str, float]:
+    return {name: iv.estimate, f"{name}_ci_low": iv.low, f"{name}_ci_high": iv.high}
+
+
+def _mlflow_child(cfg: EvalConfig, parent: str, name: str, path: Path, results: dict, samples: list[dict]):
+    """One eval run per policy, linked to the run that produced it (by the run directory tag)."""
+    from raydpo.tracking import KIND_TAG, RUN_DIR_TAG, RunLogger, _client, find_or_create_run, tracking_uri
+
+    uri = tracking_uri(cfg.tracking)
+    tags = {
+        KIND_TAG: "eval",
+        "mlflow.parentRunId": parent,
+        "eval.policy": name,
+        "eval.policy_path": str(path),
+    }
+    client = _client(uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    source_dir = str(path.parent if path.name == "final" else path)
+    found = client.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_DIR_TAG}` = '{source_dir}'")
+    if found:
+        tags["eval.policy_run_id"] = found[0].info.run_id
+    run_dir = Path(cfg.output_dir).resolve() / cfg.name / name
+    run_id = find_or_create_run(cfg.tracking, run_dir, f"{cfg.name}/{name}", tags, {"policy": str(path)})
+    logger = RunLogger(uri, run_id)
+    for t, metrics in results.items():
+        logger.log_metrics(metrics, step=round(100 * t))
+    logger.log_table(samples, "samples.json")
+    logger.finish()
+    return run_id
+
+
+def run_eval(path: str, overrides: list[str] = (), log=print) -> dict:
+    """Validate, check the judge, sample every policy (Ray Data), judge, log, print the table."""
+    from raydpo.evaluate.generate import sample_policy
+    from raydpo.evaluate.judges import make_judge
+    from raydpo.evaluate.report import plot_frontier, plot_winrates, results_table
+    from raydpo.rewards import get_reward
+    from raydpo.tracking import KIND_TAG, RunLogger, find_or_create_run, tracking_uri
+    from raydpo.train.launch import init_ray
+
+    cfg = load_eval_config(path, overrides)
+    policies = {n: resolve_policy(p) for n, p in cfg.policies.items()}
+    reference = resolve_policy(cfg.reference)
+    judge = make_judge(cfg.judge)
+    judge.check()  # an unreachable judge fails here, before any generation
+    reward = get_reward(cfg.reward) if cfg.reward else None
+    prompts = read_prompts(cfg)
+    from raydpo.config import RunConfig
+
+    init_ray(RunConfig())
+    log(
+        f"eval {cfg.name}: {len(policies)} policies × {len(prompts)} prompts × "
+        f"{len(cfg.temperatures)} temperatures"
+    )
+    kw = dict(reference=reference, temperatures=cfg.temperatures, n=cfg.n, max_new_tokens=cfg.max_new_tokens,
+              seed=cfg.seed)  # fmt: skip
+    rows = {n: sample_policy(p, prompts, **kw) for n, p in policies.items()}
+    results: dict[str, dict[float, dict]] = {n: {} for n in policies}
+    samples: dict[str, list[dict]] = {n: [] for n in policies}
+    for n in policies:
+        for t in cfg.temperatures:
+            results[n][t] = summarize_policy(rows[n], t, reward)
+            for b in cfg.baselines:
+                if b == n:
+                    continue
+                wr, verdicts, a, bb = compare(judge, rows[n], rows[b], t)
+                results[n][t][f"winrate/vs_{b}"] = wr
+                if t == cfg.temperatures[0] and not samples[n]:
+                    samples[n] = [{"prompt": x["prompt"], "completion": x["completion"], "baseline": b,
+                                   "baseline_completion": y["completion"], "verdict": v}
+                                  for x, y, v in zip(a, bb, verdicts.outcomes)][:50]  # fmt: skip
+    out_dir = Path(cfg.output_dir).resolve() / cfg.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = results_table(results, cfg.baselines)
+    (out_dir / "results.txt").write_text(table + "\n")
+    plots = [
+        plot_frontier(results, out_dir / "frontier.png"),
+        plot_winrates(results, cfg.baselines, out_dir / "winrates.png"),
+    ]
+    parent = None
+    if cfg.tracking.enabled:
+        uri = tracking_uri(cfg.tracking)
+        params = {"prompts": cfg.prompts, "judge": str(cfg.judge), "temperatures": str(cfg.temperatures)}
+        parent = find_or_create_run(cfg.tracking, out_dir, cfg.name, {KIND_TAG: "eval"}, params)
+        for n, p in policies.items():
+            flat = {t: {k: v for name, iv in m.items() for k, v in _interval_metrics(name, iv).items()}
+                    for t, m in results[n].items()}  # fmt: skip
+            _mlflow_child(cfg, parent, n, p, flat, samples[n] or [{"prompt": "", "completion": ""}])
+        logger = RunLogger(uri, parent)
+        for f in [out_dir / "results.txt", *filter(None, plots)]:
+            logger.log_artifact(f)
+        logger.finish()
+    log(table)
+    return {"results": results, "table": table, "parent_run_id": parent, "out_dir": str(out_dir)}
