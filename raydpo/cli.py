@@ -71,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"raydpo {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a policy with DPO (or a variant) from a YAML config")
+    t = sub.add_parser(
+        "train",
+        help="train from a YAML config: DPO (any loss), or method sft, preferred_ft, reward_model, ppo, ppo_gt",
+    )
     t.add_argument("config", nargs="?", help="YAML config; omitted = the built-in defaults")
     t.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. loss.beta=0.1")
     t.set_defaults(func=_cmd_train)
