@@ -140,11 +140,6 @@ class RunLogger:
             self.client.log_table(self.run_id, data={k: [r.get(k) for r in rows] for k in rows[0]},
                                   artifact_file=artifact_file)  # fmt: skip
 
-    def set_tags(self, tags: dict[str, str]) -> None:
-        for k, v in tags.items():
-            if self.client:
-                self.client.set_tag(self.run_id, k, v)
-
     def finish(self, status: str = "FINISHED") -> None:
         if self.client:
             self.client.set_terminated(self.run_id, status=status)

@@ -172,6 +172,7 @@ def ppo_loop_per_worker(config: dict) -> None:
     from raydpo.train import distributed as du
     from raydpo.train.checkpointing import load_trainer_state, save_checkpoint, set_rng_state
     from raydpo.train.loop import build_optimizer, build_scheduler, seed_everything
+    from raydpo.train.worker import report
 
     cfg = RunConfig.model_validate(config["run_config"])
     ctx = ray.train.get_context()
@@ -221,21 +222,15 @@ def ppo_loop_per_worker(config: dict) -> None:
             "kl_coef": float(kl_ctl.value),
             "value_head": du.unwrap(model).value_head.state_dict(),
         }
-        save = lambda p, pos=position: save_checkpoint(
-            p, du.unwrap(model).lm, None, opt.state_dict(), sched, pos
-        )  # noqa: E731
-        _report({"step": step, **m}, rank, ckpt_now, save)
 
+        def write(path, pos=position):  # rank 0 writes; the other ranks report no checkpoint
+            return (
+                save_checkpoint(path, du.unwrap(model).lm, None, opt.state_dict(), sched, pos)
+                if rank == 0
+                else None
+            )
 
-def _report(metrics: dict, rank: int, with_checkpoint: bool, save) -> None:
-    import ray.train
-
-    if not with_checkpoint:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        path = save(Path(tmp) / "checkpoint") if rank == 0 else None
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)) if path else None)
+        report({"step": step, **m}, write if ckpt_now else None)
 
 
 def load_prompts(cfg: RunConfig) -> list[str]:
@@ -260,13 +255,12 @@ def load_prompts(cfg: RunConfig) -> list[str]:
 
 def run_ppo(cfg: RunConfig, log=print, *, parent_run_id=None, tags=None, stream=sys.stderr) -> dict:
     """Driver: checks, MLflow run (raydpo.kind=baseline), TorchTrainer, final export of the policy."""
-    import ray.train
     from ray.train.torch import TorchTrainer
 
     from raydpo.errors import UserError
     from raydpo.rewards import get_reward
     from raydpo.tracking import RunLogger, start_or_resume_run, tracking_uri
-    from raydpo.train.launch import Progress, export_final, init_ray
+    from raydpo.train.launch import Progress, export_final, fit_trainer, init_ray, ray_train_configs
     from raydpo.train.launch import preflight as train_preflight
 
     if cfg.method == "ppo" and not Path(cfg.ppo.reward_model).is_dir():
@@ -291,6 +285,7 @@ def run_ppo(cfg: RunConfig, log=print, *, parent_run_id=None, tags=None, stream=
     )
     driver_log = RunLogger(uri, run_id)
     try:
+        scaling, run_config = ray_train_configs(cfg)
         with Progress(steps, stream) as progress:
             trainer = TorchTrainer(
                 ppo_loop_per_worker,
@@ -302,19 +297,10 @@ def run_ppo(cfg: RunConfig, log=print, *, parent_run_id=None, tags=None, stream=
                     "mlflow_run_id": run_id,
                     "progress": progress.queue,
                 },
-                scaling_config=ray.train.ScalingConfig(
-                    num_workers=cfg.scaling.num_workers,
-                    use_gpu=cfg.scaling.use_gpu,
-                    resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
-                ),
-                run_config=ray.train.RunConfig(
-                    name=cfg.run_name,
-                    storage_path=str(Path(cfg.train.output_dir).resolve()),
-                    checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
-                    failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
-                ),
+                scaling_config=scaling,
+                run_config=run_config,
             )
-            result = trainer.fit()
+            result = fit_trainer(trainer)
     except BaseException:
         driver_log.finish("FAILED")
         raise

@@ -254,6 +254,32 @@ def _write_report(cfg: RunConfig, reports, driver_log) -> None:
     driver_log.log_artifact(path)
 
 
+def ray_train_configs(cfg: RunConfig, callbacks=None):
+    """Ray Train's ScalingConfig and RunConfig for this run (shared by every method's trainer)."""
+    import ray.train
+
+    scaling = ray.train.ScalingConfig(
+        num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+        resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker},
+    )  # fmt: skip
+    run_config = ray.train.RunConfig(
+        name=cfg.run_name, storage_path=str(Path(cfg.train.output_dir).resolve()),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
+        failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures), callbacks=callbacks,
+    )  # fmt: skip
+    return scaling, run_config
+
+
+def fit_trainer(trainer):
+    """trainer.fit(), with a training failure reduced to its root cause's last line."""
+    import ray.train
+
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise RuntimeError(f"training failed: {_root_cause(e)}") from e
+
+
 def fit(cfg: RunConfig, train, evalset, steps: int, tokenizer, uri: str, run_id, progress, callbacks=None):
     import ray.train
     from ray.data import ExecutionOptions
@@ -269,29 +295,19 @@ def fit(cfg: RunConfig, train, evalset, steps: int, tokenizer, uri: str, run_id,
         "fault_marker": os.environ.get("RAYDPO_FAULT_MARKER"),
     }  # fmt: skip
     datasets = {"train": train, **({"eval": evalset} if evalset is not None else {})}
+    scaling, run_config = ray_train_configs(cfg, callbacks)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker},
-        ),
-        run_config=ray.train.RunConfig(
-            name=cfg.run_name, storage_path=str(Path(cfg.train.output_dir).resolve()),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
-            callbacks=callbacks,
-        ),
+        scaling_config=scaling,
+        run_config=run_config,
         datasets=datasets,
         # Not split: every worker streams all pairs in the same order and keeps its slice (worker.py).
         dataset_config=ray.train.DataConfig(
             datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
         ),
     )  # fmt: skip
-    try:
-        return trainer.fit()
-    except ray.train.TrainingFailedError as e:
-        raise RuntimeError(f"training failed: {_root_cause(e)}") from e
+    return fit_trainer(trainer)
 
 
 def _root_cause(e: BaseException) -> str:

@@ -8,6 +8,7 @@ Ray Train touchpoints: get_context, get_dataset_shard, get_checkpoint, report.
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -68,7 +69,9 @@ def _restore(cfg: RunConfig, ckpt):
         return load(cfg.model, checkpoint=Path(d) / "model"), state
 
 
-def _report(metrics: dict, ckpt_fn=None) -> None:
+def report(metrics: dict, ckpt_fn=None) -> None:
+    """ray.train.report on every worker; with `ckpt_fn(dir) -> path | None` (None on ranks that write
+    nothing) the checkpoint is written into a temp dir that Ray copies to the run's storage."""
     import ray.train
 
     if ckpt_fn is None:
@@ -165,7 +168,7 @@ class _Loop:
                 self.policy, self.reference, batch, self.objective, self.cfg.train.grad_accum_steps, sync
             )
         metrics = dist_utils.mean_across_workers(metrics)  # one all-reduce + one host sync per step
-        if not torch.isfinite(torch.tensor(metrics["loss"])):
+        if not math.isfinite(metrics["loss"]):
             raise FloatingPointError(f"non-finite loss ({metrics['loss']}); stopping before the update")
         norm, lr = optimizer_step(self.policy, self.opt, self.sched, self.cfg.optim.max_grad_norm)
         metrics["grad_norm"], metrics["learning_rate"] = float(norm), lr
@@ -181,7 +184,7 @@ class _Loop:
         if evaluated:
             self.last_eval = self.evaluate()
             metrics.update(self.last_eval)
-        report = {"step": step, **self.last_eval, **metrics}  # Tune sees the latest eval metrics every time
+        row = {"step": step, **self.last_eval, **metrics}  # Tune sees the latest eval metrics every time
         _maybe_fault(step, self.config)
         last = step == self.config["total_steps"]
         if step % cfg.train.log_every == 0 or last or evaluated:  # eval results are always logged
@@ -190,10 +193,10 @@ class _Loop:
                 self.progress.put_nowait({"step": step, **metrics})
         checkpointing = bool(cfg.train.checkpoint_every)
         if (checkpointing and step % cfg.train.checkpoint_every == 0) or last:
-            _report(report, lambda p: self.checkpoint(p, pos))
+            report(row, lambda p: self.checkpoint(p, pos))
             self.flush()
         elif step % cfg.train.log_every == 0:
-            _report(report)
+            report(row)
             if not checkpointing:
                 self.flush()
 
