@@ -46,6 +46,13 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_demo(args) -> int:
+    from raydpo.demo import run_demo
+
+    run_demo(size=args.size, root=args.dir, seed=args.seed)
+    return 0
+
+
 def _cmd_data_validate(args) -> int:
     from raydpo.config import apply_overrides, build_config
     from raydpo.data.validate import chat_renderer, validate_source
@@ -91,6 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("config", help="YAML eval config (policies, baselines, judge, prompts, reference)")
     e.add_argument("overrides", nargs="*", help="key=value overrides of the eval config")
     e.set_defaults(func=_cmd_eval)
+
+    m = sub.add_parser(
+        "demo",
+        help="the DPO paper's sentiment comparison end to end: task, DPO sweep, baselines, eval, table, plot",
+    )
+    m.add_argument("--size", choices=["tiny", "full"], default="full",
+                   help="full (default): about 15 min on 2 CPU cores; tiny: a few minutes")  # fmt: skip
+    m.add_argument("--dir", help="where everything goes (default runs/demo-SIZE; reused when run again)")
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(func=_cmd_demo)
 
     t = sub.add_parser("task", help="built-in offline tasks")
     tsub = t.add_subparsers(dest="task_name", required=True)

@@ -114,3 +114,11 @@ def test_conversational_data_needs_chat_template(tmp_path, tiny_llama_dir):
             cwd=tmp_path)  # fmt: skip
     _one_line_exit_2(r, "conversational")
     assert "has no chat template" in r.stderr
+
+
+def test_demo_verb_takes_size_dir_and_seed():
+    from raydpo.cli import _cmd_demo, build_parser
+
+    args = build_parser().parse_args(["demo", "--size", "tiny", "--dir", "d", "--seed", "3"])
+    assert (args.size, args.dir, args.seed, args.func) == ("tiny", "d", 3, _cmd_demo)
+    assert build_parser().parse_args(["demo"]).size == "full"

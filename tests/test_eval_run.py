@@ -80,3 +80,22 @@ def test_eval_bad_inputs_fail_before_generation(tmp_path, tiny_llama_dir):
     )
     r = subprocess.run([sys.executable, "-m", "raydpo", "eval", str(path)], capture_output=True, text=True)
     assert r.returncode == 2 and "not reachable" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_eval_config_best_of_n_and_series_are_checked(tmp_path, tiny_llama_dir):
+    from raydpo.errors import ConfigError
+    from raydpo.evaluate.run import BestOfNPolicy, load_eval_config
+
+    ok = _write(
+        tmp_path,
+        reference=str(tiny_llama_dir),
+        policies={"a": str(tiny_llama_dir), "bon": {"best_of_n": 4, "policy": "x", "reward_model": "y"}},
+        series={"a": "A"},
+    )
+    cfg = load_eval_config(ok)
+    assert isinstance(cfg.policies["bon"], BestOfNPolicy) and cfg.policies["bon"].best_of_n == 4
+    with pytest.raises(ConfigError, match="series: 'b' is not one of the policies"):
+        load_eval_config(_write(tmp_path, reference="r", policies={"a": "p"}, series={"b": "B"}))
+    with pytest.raises(ConfigError, match="best_of_n"):
+        load_eval_config(_write(tmp_path, reference="r", policies={"a": {"best_of_n": 1, "policy": "p",
+                                                                          "reward_model": "m"}}))  # fmt: skip

@@ -32,22 +32,30 @@ def _plt():
     return plt
 
 
-def plot_frontier(results: dict, path: Path) -> Path | None:
-    """Mean reward against KL to the reference, one series per method (a point per temperature)."""
-    pts = {
-        n: sorted((m["kl"].estimate, m["reward/mean"].estimate) for m in by_t.values() if "reward/mean" in m)
-        for n, by_t in results.items()
-    }
-    if not any(pts.values()):
+def plot_frontier(results: dict, path: Path, series: dict[str, str] | None = None) -> Path | None:
+    """Mean reward against KL to the reference: one series per method, a point per policy and temperature.
+
+    `series` maps policy names to series labels (e.g. every DPO β of one loss to "DPO (sigmoid)");
+    a policy not named is a series of its own.
+    """
+    series = series or {}
+    pts: dict[str, list[tuple[float, float]]] = {}
+    for n, by_t in results.items():
+        for m in by_t.values():
+            if "reward/mean" in m:
+                pts.setdefault(series.get(n, n), []).append((m["kl"].estimate, m["reward/mean"].estimate))
+    if not pts:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for n, p in sorted(pts.items()):
-        ax.plot([x for x, _ in p], [y for _, y in p], marker="o", label=n)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, p in sorted(pts.items()):
+        p.sort()
+        ax.plot([x for x, _ in p], [y for _, y in p], marker="o", label=label)
     ax.set_xlabel("KL(π ‖ π_ref), nats per sample")
     ax.set_ylabel("mean ground-truth reward")
     ax.set_title("reward–KL frontier")
-    ax.legend()
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

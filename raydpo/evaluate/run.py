@@ -6,7 +6,12 @@ An eval config (YAML):
     name: sentiment-eval
     prompts: runs/sentiment-task/eval_prompts.jsonl    # rows with a prompt column
     reference: runs/sentiment-task/runs/sft/final     # for KL(π‖π_ref), estimated from the samples
-    policies: {sft: runs/sentiment-task/runs/sft/final, dpo: runs/sentiment-dpo}   # HF dirs or run dirs
+    policies:                                          # HF dirs, run dirs, or Best-of-N selections
+      sft: runs/sentiment-task/runs/sft/final
+      dpo: runs/sentiment-dpo
+      best-of-4: {best_of_n: 4, policy: runs/sentiment-task/runs/sft/final,
+                  reward_model: runs/sentiment-reward-model}
+    series: {dpo: DPO}                                 # frontier series per policy (default: its name)
     baselines: [sft]                                   # every policy is compared with each of these
     judge: {kind: reward, name: vader}                 # see evaluate/judges.py
     reward: vader                                      # ground-truth reward for mean reward (optional)
@@ -16,6 +21,11 @@ MLflow: one parent run (`raydpo.kind=eval`) holding the results table, the rewar
 and the win-rate plot; one child run per policy, tagged with the policy's path and, when it came
 from a raydpo run, that run's id, with metrics `winrate/vs_<baseline>` (+ `_ci_low`, `_ci_high`),
 `reward/mean` and `kl` (+ intervals), logged at step = round(100 × temperature), and a sample table.
+
+A Best-of-N "policy" samples N completions from its policy per prompt and slot and keeps the one the
+reward model scores highest. Its KL to the reference has no sampled log-ratio; it is reported as the
+analytic bound log N − (N − 1)/N (Stiennon et al. 2020, App. G.3), exact as an interval of width 0,
+which holds when its policy is the reference.
 """
 
 from __future__ import annotations
@@ -23,10 +33,24 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field, ValidationError, model_validator
+from typing import Annotated
+
+from pydantic import Discriminator, Field, Tag, ValidationError, model_validator
 
 from raydpo.config import TrackingConfig, _describe, _Strict, apply_overrides, read_yaml
 from raydpo.errors import ConfigError, UserError
+
+
+class BestOfNPolicy(_Strict):
+    best_of_n: int = Field(gt=1)  # N: samples drawn per prompt and slot
+    policy: str  # the sampled policy (HF dir or run dir), usually the SFT model
+    reward_model: str  # reward model (HF dir or run dir, from method=reward_model) that picks the best
+
+
+PolicySpec = Annotated[
+    Annotated[str, Tag("path")] | Annotated[BestOfNPolicy, Tag("best_of_n")],
+    Discriminator(lambda v: "best_of_n" if isinstance(v, (dict, BestOfNPolicy)) else "path"),
+]
 
 
 class EvalConfig(_Strict):
@@ -35,8 +59,9 @@ class EvalConfig(_Strict):
     prompt_column: str = "prompt"  # column holding the prompt
     max_prompts: int | None = Field(None, gt=0)  # use the first N prompts
     reference: str  # reference model directory (for KL)
-    policies: dict[str, str]  # name → HF model directory, or a raydpo run directory (uses its final/)
+    policies: dict[str, PolicySpec]  # name → HF model dir, raydpo run dir (its final/), or Best-of-N
     baselines: list[str] = []  # policy names that every other policy is compared against
+    series: dict[str, str] = {}  # policy name → series label in the frontier plot (default: the name)
     judge: dict = {"kind": "reward", "name": "vader"}  # judge spec (evaluate/judges.py)
     reward: str | None = "vader"  # ground-truth reward name for mean reward; None = skip
     temperatures: list[float] = [1.0]  # sampling temperatures (0 = greedy)
@@ -51,6 +76,9 @@ class EvalConfig(_Strict):
         for b in self.baselines:
             if b not in self.policies:
                 raise ValueError(f"baseline {b!r} is not one of the policies ({', '.join(self.policies)})")
+        for name in self.series:
+            if name not in self.policies:
+                raise ValueError(f"series: {name!r} is not one of the policies ({', '.join(self.policies)})")
         return self
 
 
@@ -78,6 +106,68 @@ def read_prompts(cfg: EvalConfig) -> list[str]:
     if not prompts:
         raise UserError(f"{cfg.prompts}: no rows with a '{cfg.prompt_column}' string")
     return prompts
+
+
+def reward_model_scorer(reward_model: Path, tokenizer_dir: Path):
+    """score(prompts, completions) → reward-model scores, in chunks of 64."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from raydpo.baselines.best_of_n import score_with_reward_model
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    rm = AutoModelForSequenceClassification.from_pretrained(reward_model).eval()
+
+    def score(prompts: list[str], completions: list[str]) -> list[float]:
+        out: list[float] = []
+        for i in range(0, len(prompts), 64):
+            out += score_with_reward_model(rm, tok, prompts[i : i + 64], completions[i : i + 64])
+        return out
+
+    return score
+
+
+def best_of_n_rows(rows: list[dict], n: int, score) -> list[dict]:
+    """Of each `n` consecutive samples (per prompt, temperature and slot k // n), keep the best-scored one."""
+    scores = score([r["prompt"] for r in rows], [r["completion"] for r in rows])
+    best: dict[tuple, tuple[float, dict]] = {}
+    for r, s in zip(rows, scores):
+        key = (r["temperature"], r["sample"] // n, r["idx"])
+        if key not in best or s > best[key][0]:
+            best[key] = (s, {**r, "sample": r["sample"] // n, "rm_score": s})
+    return sorted((row for _, row in best.values()), key=lambda r: (r["temperature"], r["sample"], r["idx"]))
+
+
+def best_of_n_kl(n: int):
+    """KL(best-of-n ‖ π) = log n − (n − 1)/n, as an interval of width 0."""
+    import math
+
+    from raydpo.evaluate.metrics import Interval
+
+    v = math.log(n) - (n - 1) / n
+    return Interval(v, v, v, 0)
+
+
+def sample_all(cfg: EvalConfig, prompts: list[str], reference: Path, log) -> dict[str, list[dict]]:
+    """Samples of every policy (Best-of-N: its selections), each over the same prompts and slots."""
+    from raydpo.evaluate.generate import sample_policy
+
+    kw = dict(reference=reference, temperatures=cfg.temperatures, max_new_tokens=cfg.max_new_tokens,
+              seed=cfg.seed)  # fmt: skip
+    rows = {}
+    for i, (name, spec) in enumerate(cfg.policies.items(), 1):
+        log(f"  sampling {name} ({i}/{len(cfg.policies)})")
+        if isinstance(spec, BestOfNPolicy):
+            policy = resolve_policy(spec.policy)
+            drawn = sample_policy(policy, prompts, n=cfg.n * spec.best_of_n, **kw)
+            score = reward_model_scorer(resolve_policy(spec.reward_model), policy)
+            rows[name] = best_of_n_rows(drawn, spec.best_of_n, score)
+        else:
+            rows[name] = sample_policy(resolve_policy(spec), prompts, n=cfg.n, **kw)
+    return rows
+
+
+def policy_path(spec: str | BestOfNPolicy) -> Path:
+    return resolve_policy(spec.policy if isinstance(spec, BestOfNPolicy) else spec)
 
 
 def _by_temperature(rows: list[dict], t: float) -> list[dict]:
@@ -139,7 +229,6 @@ def _mlflow_child(cfg: EvalConfig, parent: str, name: str, path: Path, results: 
 
 def run_eval(path: str, overrides: list[str] = (), log=print) -> dict:
     """Validate, check the judge, sample every policy (Ray Data), judge, log, print the table."""
-    from raydpo.evaluate.generate import sample_policy
     from raydpo.evaluate.judges import make_judge
     from raydpo.evaluate.report import plot_frontier, plot_winrates, results_table
     from raydpo.rewards import get_reward
@@ -147,7 +236,10 @@ def run_eval(path: str, overrides: list[str] = (), log=print) -> dict:
     from raydpo.train.launch import init_ray
 
     cfg = load_eval_config(path, overrides)
-    policies = {n: resolve_policy(p) for n, p in cfg.policies.items()}
+    policies = {n: policy_path(p) for n, p in cfg.policies.items()}
+    for spec in cfg.policies.values():
+        if isinstance(spec, BestOfNPolicy):
+            resolve_policy(spec.reward_model)
     reference = resolve_policy(cfg.reference)
     judge = make_judge(cfg.judge)
     judge.check()  # an unreachable judge fails here, before any generation
@@ -160,14 +252,14 @@ def run_eval(path: str, overrides: list[str] = (), log=print) -> dict:
         f"eval {cfg.name}: {len(policies)} policies × {len(prompts)} prompts × "
         f"{len(cfg.temperatures)} temperatures"
     )
-    kw = dict(reference=reference, temperatures=cfg.temperatures, n=cfg.n, max_new_tokens=cfg.max_new_tokens,
-              seed=cfg.seed)  # fmt: skip
-    rows = {n: sample_policy(p, prompts, **kw) for n, p in policies.items()}
+    rows = sample_all(cfg, prompts, reference, log)
     results: dict[str, dict[float, dict]] = {n: {} for n in policies}
     samples: dict[str, list[dict]] = {n: [] for n in policies}
     for n in policies:
         for t in cfg.temperatures:
             results[n][t] = summarize_policy(rows[n], t, reward)
+            if isinstance(cfg.policies[n], BestOfNPolicy):
+                results[n][t]["kl"] = best_of_n_kl(cfg.policies[n].best_of_n)
             for b in cfg.baselines:
                 if b == n:
                     continue
@@ -182,7 +274,7 @@ def run_eval(path: str, overrides: list[str] = (), log=print) -> dict:
     table = results_table(results, cfg.baselines)
     (out_dir / "results.txt").write_text(table + "\n")
     plots = [
-        plot_frontier(results, out_dir / "frontier.png"),
+        plot_frontier(results, out_dir / "frontier.png", cfg.series),
         plot_winrates(results, cfg.baselines, out_dir / "winrates.png"),
     ]
     parent = None

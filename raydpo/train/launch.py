@@ -19,7 +19,7 @@ from pathlib import Path
 from raydpo.config import RunConfig, dump_config
 from raydpo.errors import UserError
 
-_MODEL_FILES_SKIP = {"trainer_state.pt"}
+REPORT_POLL_S = "0.2"  # seconds between Ray Train controller polls (see ray_train_configs)
 
 
 def check_ray_address(address: str | None, timeout: float = 5.0) -> None:
@@ -257,6 +257,11 @@ def _write_report(cfg: RunConfig, reports, driver_log) -> None:
 def ray_train_configs(cfg: RunConfig, callbacks=None):
     """Ray Train's ScalingConfig and RunConfig for this run (shared by every method's trainer)."""
     import ray.train
+
+    # A worker's ray.train.report blocks until the Train controller collects it, which it does once
+    # per health-check poll (2 s by default): with reports every few steps that wait dominated small
+    # runs. Ray propagates this variable from the process that builds the trainer to the controller.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_S)
 
     scaling = ray.train.ScalingConfig(
         num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
