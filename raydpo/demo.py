@@ -44,12 +44,12 @@ SIZES = {
     "full": {
         "task": "full",
         "losses": ["sigmoid", "ipo", "hinge"],
-        "betas": [0.1, 0.5, 2.0],
-        "dpo": {"epochs": 2, "lr": 1e-3},
+        "betas": [0.05, 0.1, 0.25, 1.0],
+        "dpo": {"epochs": 2, "lr": 3e-4},
         "preferred_ft_epochs": 2,
         "reward_model_epochs": 4,
         "reward_model_eval_every": 50,
-        "ppo": {"steps": 30, "kl_coefs": [0.02, 0.1], "rollout_batch_size": 32},
+        "ppo": {"steps": 30, "kl_coefs": [0.1, 0.05, 0.3], "rollout_batch_size": 32},
         "best_of_n": 16,
         "eval_samples": 2,
     },
@@ -249,6 +249,10 @@ def run_demo(size: str = "full", root: str | Path | None = None, seed: int = 0, 
     clock = Clock(log)
     clock(f"raydpo demo --size {size}: everything goes to {root}")
 
+    from raydpo.config import RunConfig
+    from raydpo.train.launch import init_ray
+
+    init_ray(RunConfig(), min_cpus=4)  # room for two sweep trials at once (1.1 CPU slots each)
     clock(f"preparing the sentiment task ({spec['task']}) ...", 1)
     manifest = prepare(root / "task", size=spec["task"], seed=seed, tracking=tracking,
                        log=lambda m: clock(f"  {m}"))  # fmt: skip

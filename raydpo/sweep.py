@@ -23,8 +23,10 @@ Trials that do not sweep `model.*` or `data.*` share one tokenized dataset, made
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -215,7 +217,40 @@ def trial_main(
         callbacks=[TuneReportCallback()], stream=None)  # fmt: skip
 
 
-def _tuner(sweep: SweepConfig, trainable, root: Path, max_steps: int):
+def progress_callback(sweep: SweepConfig, total: int, show):
+    """A Tune callback that shows one line when a trial starts, finishes or fails."""
+    from ray import tune
+
+    class SweepProgress(tune.Callback):
+        def __init__(self):
+            self.done, self.show = 0, show
+
+        def __getstate__(self):  # Tune pickles its run config; the console function stays behind
+            return {"done": self.done}
+
+        def __setstate__(self, state):
+            self.done, self.show = state["done"], print
+
+        def _what(self, trial) -> str:
+            return ", ".join(f"{k}={trial.config.get(k)}" for k in sweep.search)
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.show(f"trial {trial.trial_id} started: {self._what(trial)}")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.done += 1
+            value = (trial.last_result or {}).get(sweep.metric)
+            got = f" ({sweep.metric} {value:.4g})" if isinstance(value, (int, float)) else ""
+            self.show(f"trial {self.done}/{total} finished: {self._what(trial)}{got}")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.done += 1
+            self.show(f"trial {self.done}/{total} FAILED: {self._what(trial)} (see {trial.local_path})")
+
+    return SweepProgress()
+
+
+def _tuner(sweep: SweepConfig, trainable, root: Path, max_steps: int, callbacks=None):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -234,7 +269,7 @@ def _tuner(sweep: SweepConfig, trainable, root: Path, max_steps: int):
                 random_state=sweep.seed, max_concurrent=sweep.max_concurrent_trials
             ),
         ),
-        run_config=tune.RunConfig(name="tune", storage_path=str(root), verbose=0),
+        run_config=tune.RunConfig(name="tune", storage_path=str(root), verbose=0, callbacks=callbacks),
     )  # fmt: skip
 
 
@@ -287,11 +322,20 @@ def run_sweep(path: str, overrides: list[str] = (), resume: bool = False, log=pr
     )  # fmt: skip
     n = _count_trials(sweep)
     log(f"sweep {sweep.name}: {n} trial(s), metric {sweep.metric} ({sweep.mode}), results in {root}")
+    console = sys.stdout
+
+    def show(msg: str) -> None:  # progress reaches the console while Tune's own output is redirected
+        with contextlib.redirect_stdout(console):
+            log(msg)
+
     if resume:
         tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_errored=True)
     else:
-        tuner = _tuner(sweep, trainable, root, base_cfg.train.max_steps or 10**9)
-    results = tuner.fit()
+        callbacks = [progress_callback(sweep, n, show)]
+        tuner = _tuner(sweep, trainable, root, base_cfg.train.max_steps or 10**9, callbacks)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "tune_console.log", "a") as f, contextlib.redirect_stdout(f):
+        results = tuner.fit()  # Tune's banner and tables go to the file; raydpo prints the summary
     return summarize(sweep, base_cfg, results, parent, root, log)
 
 

@@ -47,7 +47,10 @@ def build_tokenizer(style: str = "llama", corpus: list[str] | None = None, vocab
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(corpus or default_corpus(), trainer)
     if style == "llama":  # Llama tokenizers prepend BOS when add_special_tokens=True

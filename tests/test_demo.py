@@ -117,7 +117,8 @@ def test_demo_shows_progress_table_plot_and_the_mlflow_command(demo):
 def test_demo_results_cover_every_method_with_intervals(demo):
     out, _ = demo
     rows = {r["policy"]: r for r in out["rows"]}
-    assert {r["method"] for r in rows.values()} == {"SFT", "Preferred-FT", "Best-of-4", "PPO", "PPO-GT", "DPO"}
+    methods = {"SFT", "Preferred-FT", "Best-of-4", "PPO", "PPO-GT", "DPO"}
+    assert {r["method"] for r in rows.values()} == methods
     assert {r["loss"] for r in rows.values() if r["method"] == "DPO"} == {"sigmoid", "ipo", "hinge"}
     assert abs(rows["sft"]["kl"].estimate) < 1e-6  # the SFT policy is the reference
     assert rows["best-of-4"]["kl"].estimate == pytest.approx(math.log(4) - 0.75)
@@ -225,7 +226,8 @@ def test_best_of_n_baseline_run(demo):
                         tracking=TrackingConfig(tracking_uri=out["tracking_uri"], experiment="raydpo-demo"),
                         run_dir=out["root"] + "/runs/best_of_n")  # fmt: skip
     client, _ = _runs(out)
-    assert len(bon["responses"]) == 32 and "reward/gt_mean" in client.get_run(bon["mlflow_run_id"]).data.metrics
+    assert len(bon["responses"]) == 32
+    assert "reward/gt_mean" in client.get_run(bon["mlflow_run_id"]).data.metrics
 
 
 @pytest.mark.ray

@@ -96,8 +96,11 @@ def test_six_trial_sweep_nests_runs_in_mlflow(ray_local, tmp_path, tiny_llama_di
 
     space = {"loss.name": {"grid": ["sigmoid", "ipo", "hinge"]}, "loss.beta": {"grid": [0.1, 0.5]}}
     sweep = {"search": space, "metric": "eval/rewards/margins", "mode": "max", "max_concurrent_trials": 2}
-    out = run_sweep(str(write(tmp_path, sweep, _base(tmp_path, tiny_llama_dir))), log=lambda *_: None)
+    lines: list[str] = []
+    out = run_sweep(str(write(tmp_path, sweep, _base(tmp_path, tiny_llama_dir))), log=lines.append)
     assert out["failed"] == 0 and len(out["rows"]) == 6
+    finished = [x for x in lines if " finished: " in x]  # one progress line per trial as it ends
+    assert len(finished) == 6 and finished[-1].startswith("trial 6/6 finished: loss.name=")
     margins = [r["eval/rewards/margins"] for r in out["rows"]]
     assert margins == sorted(margins, reverse=True)  # sorted by the metric, best first
     client, parents, children = _mlflow(tmp_path)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-
 from typing import Annotated
 
 from pydantic import Discriminator, Field, Tag, ValidationError, model_validator

@@ -39,8 +39,9 @@ def check_ray_address(address: str | None, timeout: float = 5.0) -> None:
         ) from None
 
 
-def init_ray(cfg: RunConfig) -> None:
-    """Join RAY_ADDRESS, or start a quiet local Ray bound to 127.0.0.1 with enough CPU slots."""
+def init_ray(cfg: RunConfig, min_cpus: int = 0) -> None:
+    """Join RAY_ADDRESS, or start a quiet local Ray bound to 127.0.0.1 with enough CPU slots
+    (at least `min_cpus` logical CPUs: the demo asks for room for two sweep trials at once)."""
     import ray
 
     if ray.is_initialized():
@@ -49,7 +50,7 @@ def init_ray(cfg: RunConfig) -> None:
     check_ray_address(address)
     kwargs = {"logging_level": "WARNING", "log_to_driver": False, "include_dashboard": False}
     if not address:
-        need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1
+        need = max(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1, min_cpus)
         kwargs.update(
             address="local", num_cpus=int(max(os.cpu_count() or 1, need)), _node_ip_address="127.0.0.1"
         )
