@@ -43,9 +43,12 @@ def test_paper_check_compares_at_matched_kl_and_on_win_rates():
     ppo_below = _row("PPO", None, 0.05, 0.45, 2.0, 0.75)  # envelope at KL 2: 0.4 + 0.2·1/3 = 0.467
     ok, lines = paper_check([sft, *dpo, ipo, ppo_below])
     assert ok and "DPO ≥ PPO" in lines[0] and "0.467" in lines[0]
-    ppo_above = _row("PPO", None, 0.05, 0.5, 2.0, 0.75)
+    ppo_above = _row("PPO", None, 0.05, 0.5, 2.0, 0.75)  # interval [0.45, 0.55] holds 0.467
     ok, lines = paper_check([sft, *dpo, ipo, ppo_above])
-    assert not ok and "DPO < PPO" in lines[0] and "DPO ≥ PPO" in lines[1]
+    assert not ok and "DPO < PPO, within PPO's 95% interval" in lines[0] and "DPO ≥ PPO" in lines[1]
+    ppo_far = _row("PPO", None, 0.05, 0.6, 2.0, 0.75)
+    ok, lines = paper_check([sft, *dpo, ppo_far])
+    assert not ok and "DPO < PPO, outside PPO's 95% interval" in lines[0]
     ppo_wins = _row("PPO", None, 0.05, 0.1, 2.0, 0.85)  # below the frontier, but a better win rate
     ok, lines = paper_check([sft, *dpo, ppo_wins])
     assert not ok and "DPO ≥ PPO" in lines[0] and "DPO < PPO" in lines[1]
