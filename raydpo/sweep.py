@@ -222,32 +222,34 @@ def progress_callback(sweep: SweepConfig, total: int, show):
     from ray import tune
 
     class SweepProgress(tune.Callback):
-        def __init__(self):
-            self.done, self.show = 0, show
+        # Everything lives on the instance (no closure), and the console function is not pickled
+        # with Tune's run config: Tune pickles its callbacks when it saves the experiment.
+        def __init__(self, keys: list[str], metric: str, total: int, show):
+            self.keys, self.metric, self.total, self.done, self.show = keys, metric, total, 0, show
 
-        def __getstate__(self):  # Tune pickles its run config; the console function stays behind
-            return {"done": self.done}
+        def __getstate__(self):
+            return {k: v for k, v in self.__dict__.items() if k != "show"}
 
         def __setstate__(self, state):
-            self.done, self.show = state["done"], print
+            self.__dict__.update(state, show=print)
 
         def _what(self, trial) -> str:
-            return ", ".join(f"{k}={trial.config.get(k)}" for k in sweep.search)
+            return ", ".join(f"{k}={trial.config.get(k)}" for k in self.keys)
 
         def on_trial_start(self, iteration, trials, trial, **info):
             self.show(f"trial {trial.trial_id} started: {self._what(trial)}")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.done += 1
-            value = (trial.last_result or {}).get(sweep.metric)
-            got = f" ({sweep.metric} {value:.4g})" if isinstance(value, (int, float)) else ""
-            self.show(f"trial {self.done}/{total} finished: {self._what(trial)}{got}")
+            value = (trial.last_result or {}).get(self.metric)
+            got = f" ({self.metric} {value:.4g})" if isinstance(value, (int, float)) else ""
+            self.show(f"trial {self.done}/{self.total} finished: {self._what(trial)}{got}")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self.done += 1
-            self.show(f"trial {self.done}/{total} FAILED: {self._what(trial)} (see {trial.local_path})")
+            self.show(f"trial {self.done}/{self.total} FAILED: {self._what(trial)} (see {trial.local_path})")
 
-    return SweepProgress()
+    return SweepProgress(list(sweep.search), sweep.metric, total, show)
 
 
 def _tuner(sweep: SweepConfig, trainable, root: Path, max_steps: int, callbacks=None):

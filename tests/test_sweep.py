@@ -100,7 +100,8 @@ def test_six_trial_sweep_nests_runs_in_mlflow(ray_local, tmp_path, tiny_llama_di
     out = run_sweep(str(write(tmp_path, sweep, _base(tmp_path, tiny_llama_dir))), log=lines.append)
     assert out["failed"] == 0 and len(out["rows"]) == 6
     finished = [x for x in lines if " finished: " in x]  # one progress line per trial as it ends
-    assert len(finished) == 6 and finished[-1].startswith("trial 6/6 finished: loss.name=")
+    assert len(finished) == 6 and finished[-1].startswith("trial 6/6 finished: ")
+    assert all("loss.name=" in x and "loss.beta=" in x and "eval/rewards/margins" in x for x in finished)
     margins = [r["eval/rewards/margins"] for r in out["rows"]]
     assert margins == sorted(margins, reverse=True)  # sorted by the metric, best first
     client, parents, children = _mlflow(tmp_path)
