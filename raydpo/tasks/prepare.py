@@ -1,6 +1,6 @@
 """`raydpo task sentiment prepare DIR`: build the controlled-sentiment task, offline, cached in DIR.
 
-Steps (each output reused when DIR already holds it for the same size and seed):
+Steps (all reused when DIR already holds a task of the same size, settings and seed):
   1. corpus.jsonl       review-like texts of mixed sentiment (tasks.sentiment.make_corpus)
   2. init_model/        a tokenizer trained on the corpus + a random-init small Llama
   3. runs/sft/final     the SFT policy: raydpo's SFT trainer (a Ray Train job) on the corpus
@@ -37,7 +37,7 @@ SIZES = {
         "vocab": 1500,
         "epochs": 2,
         "prompts": 768,
-        "k": 4,
+        "k": 8,
     },  # fmt: skip
 }
 
@@ -92,7 +92,7 @@ def prepare(
     manifest_path = root / "task.json"
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
-        if manifest.get("size") == size and manifest.get("seed") == seed:
+        if manifest.get("size") == size and manifest.get("seed") == seed and manifest.get("spec") == spec:
             log(f"task sentiment ({size}) already prepared in {root}")
             return manifest
     root.mkdir(parents=True, exist_ok=True)
@@ -117,7 +117,8 @@ def prepare(
     _write_jsonl(root / "pairs.jsonl", pairs)
     log(f"SFT samples: VADER mean {sample_stats['mean']:.3f} ± {sample_stats['std']:.3f}; {len(pairs)} pairs")
     manifest = {
-        "task": "sentiment", "size": size, "seed": seed, "root": str(root), "sft_model": sft["final_model"],
+        "task": "sentiment", "size": size, "seed": seed, "spec": spec, "root": str(root),
+        "sft_model": sft["final_model"],
         "corpus": str(root / "corpus.jsonl"), "prompts": str(root / "prompts.jsonl"),
         "eval_prompts": str(root / "eval_prompts.jsonl"), "pairs": str(root / "pairs.jsonl"),
         "corpus_reward": stats, "sft_reward": sample_stats, "sft_mlflow_run_id": sft["mlflow_run_id"],
