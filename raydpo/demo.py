@@ -72,6 +72,22 @@ class Clock:
         return time.monotonic() - self.start
 
 
+def check_settings(root: Path, settings: dict) -> None:
+    """A demo folder holds one set of settings: finished stages are reused only for the same ones."""
+    from raydpo.errors import UserError
+
+    path = root / "demo.json"
+    if path.exists():
+        if json.loads(path.read_text()) != json.loads(json.dumps(settings)):
+            raise UserError(f"{root} holds a demo run with other settings (see {path}); "
+                            "pass another --dir, or remove that folder to start over")  # fmt: skip
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    if any(root.iterdir()):
+        raise UserError(f"{root} is not empty and holds no demo.json; pass another --dir")
+    path.write_text(json.dumps(settings, indent=1))
+
+
 def _done(run_dir: Path) -> bool:
     return (run_dir / "final" / "config.json").exists()
 
@@ -242,21 +258,20 @@ def paper_check(rows: list[dict]) -> tuple[bool, list[str]]:
 
 def run_demo(size: str = "full", root: str | Path | None = None, seed: int = 0, log=print) -> dict:
     """Run (or finish) the whole demo in `root`; returns the results rows, paths and MLflow ids."""
+    from raydpo.config import RunConfig
     from raydpo.evaluate.run import run_eval
+    from raydpo.tasks.prepare import SIZES as TASK_SIZES
     from raydpo.tasks.prepare import prepare
     from raydpo.tracking import KIND_TAG, RunLogger, find_or_create_run, tracking_uri
+    from raydpo.train.launch import init_ray
 
     spec = SIZES[size]
     root = Path(root or f"runs/demo-{size}").resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    check_settings(root, {"size": size, "seed": seed, "demo": spec, "task": TASK_SIZES[spec["task"]]})
     db = root / "mlflow.db"
     tracking = {"tracking_uri": f"sqlite:///{db}", "experiment": "raydpo-demo"}
     clock = Clock(log)
     clock(f"raydpo demo --size {size}: everything goes to {root}")
-
-    from raydpo.config import RunConfig
-    from raydpo.train.launch import init_ray
-
     init_ray(RunConfig(), min_cpus=4)  # room for two sweep trials at once (1.1 CPU slots each)
     clock(f"preparing the sentiment task ({spec['task']}) ...", 1)
     manifest = prepare(root / "task", size=spec["task"], seed=seed, tracking=tracking,

@@ -76,6 +76,21 @@ def test_best_of_n_keeps_the_best_scored_sample_per_slot():
     assert best_of_n_kl(4).low == best_of_n_kl(4).high == best_of_n_kl(4).estimate
 
 
+def test_a_demo_folder_is_reused_only_for_the_same_settings(tmp_path):
+    from raydpo.demo import check_settings
+    from raydpo.errors import UserError
+
+    root = tmp_path / "demo"
+    check_settings(root, {"size": "tiny", "seed": 0})
+    check_settings(root, {"size": "tiny", "seed": 0})  # a re-run: reuse
+    with pytest.raises(UserError, match="other settings"):
+        check_settings(root, {"size": "tiny", "seed": 1})
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x").write_text("")
+    with pytest.raises(UserError, match="not empty"):
+        check_settings(tmp_path / "other", {"size": "tiny", "seed": 0})
+
+
 # ----------------------------------------------------------------------------- the demo run
 
 
@@ -153,6 +168,8 @@ def test_demo_mlflow_holds_sweep_baselines_and_eval(demo):
     children = {r.data.tags["eval.policy"]: r for r in evals if "mlflow.parentRunId" in r.data.tags}
     assert set(children) == {r["policy"] for r in out["rows"]}
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"frontier.png", "winrates.png"}
+    assert children["best-of-4"].data.tags["eval.best_of_n"] == "4"
+    assert children["best-of-4"].data.tags["eval.reward_model"].endswith("reward-model/final")
     dpo = children["dpo-sigmoid-b0.1"]
     trial = next(r for r in trials if r.data.tags["sweep.loss.name"] == "sigmoid")
     assert dpo.data.tags["eval.policy_run_id"] == trial.info.run_id  # eval run linked to the run it judged

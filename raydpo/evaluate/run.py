@@ -23,9 +23,10 @@ from a raydpo run, that run's id, with metrics `winrate/vs_<baseline>` (+ `_ci_l
 `reward/mean` and `kl` (+ intervals), logged at step = round(100 × temperature), and a sample table.
 
 A Best-of-N "policy" samples N completions from its policy per prompt and slot and keeps the one the
-reward model scores highest. Its KL to the reference has no sampled log-ratio; it is reported as the
-analytic bound log N − (N − 1)/N (Stiennon et al. 2020, App. G.3), exact as an interval of width 0,
-which holds when its policy is the reference.
+reward model scores highest (the child run is tagged `eval.best_of_n` and `eval.reward_model`). Its
+KL to the reference has no sampled log-ratio; it is reported as the usual analytic value
+log N − (N − 1)/N (Stiennon et al. 2020), an upper bound on the true KL (Beirami et al. 2024) that
+assumes its policy is the reference, as an interval of width 0 since it is not estimated.
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ def best_of_n_rows(rows: list[dict], n: int, score) -> list[dict]:
 
 
 def best_of_n_kl(n: int):
-    """KL(best-of-n ‖ π) = log n − (n − 1)/n, as an interval of width 0."""
+    """The analytic KL(best-of-n ‖ π) ≤ log n − (n − 1)/n, as an interval of width 0 (not estimated)."""
     import math
 
     from raydpo.evaluate.metrics import Interval
@@ -200,7 +201,8 @@ def _interval_metrics(name: str, iv) -> dict[str, float]:
 
 
 def _mlflow_child(cfg: EvalConfig, parent: str, name: str, path: Path, results: dict, samples: list[dict]):
-    """One eval run per policy, linked to the run that produced it (by the run directory tag)."""
+    """One eval run per policy, linked to the run that produced it (by the run directory tag; for
+    Best-of-N, the run of the policy it samples)."""
     from raydpo.tracking import KIND_TAG, RUN_DIR_TAG, RunLogger, _client, find_or_create_run, tracking_uri
 
     uri = tracking_uri(cfg.tracking)
@@ -210,6 +212,9 @@ def _mlflow_child(cfg: EvalConfig, parent: str, name: str, path: Path, results: 
         "eval.policy": name,
         "eval.policy_path": str(path),
     }
+    spec = cfg.policies[name]
+    if isinstance(spec, BestOfNPolicy):
+        tags.update({"eval.best_of_n": str(spec.best_of_n), "eval.reward_model": spec.reward_model})
     client = _client(uri)
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     source_dir = str(path.parent if path.name == "final" else path)
