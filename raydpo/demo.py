@@ -27,6 +27,8 @@ from pathlib import Path
 
 import yaml
 
+from raydpo.evaluate.report import fmt_interval as _iv
+
 # Per size: the task size, the DPO grid, the baselines' budgets and the eval's sample count.
 SIZES = {
     "tiny": {
@@ -178,10 +180,6 @@ def eval_config(root: Path, manifest: dict, policies: dict, series: dict, spec: 
 # ----------------------------------------------------------------------------- the results
 
 
-def _iv(iv) -> str:
-    return f"{iv.estimate:.3f} [{iv.low:.3f}, {iv.high:.3f}]" if iv is not None else "-"
-
-
 def results_rows(results: dict, meta: dict) -> list[dict]:
     """One row per evaluated policy (temperature 1): method, loss, β, reward, KL, win rates."""
     rows = []
@@ -258,7 +256,7 @@ def paper_check(rows: list[dict]) -> tuple[bool, list[str]]:
 
 def run_demo(size: str = "full", root: str | Path | None = None, seed: int = 0, log=print) -> dict:
     """Run (or finish) the whole demo in `root`; returns the results rows, paths and MLflow ids."""
-    from raydpo.config import RunConfig
+    from raydpo.config import RunConfig, TrackingConfig
     from raydpo.evaluate.run import run_eval
     from raydpo.tasks.prepare import SIZES as TASK_SIZES
     from raydpo.tasks.prepare import prepare
@@ -332,10 +330,11 @@ def run_demo(size: str = "full", root: str | Path | None = None, seed: int = 0, 
             f"Paper's finding {'reproduced' if ok else 'NOT reproduced'}:\n"
             + "".join(f"- {c}\n" for c in check))  # fmt: skip
     results_md.write_text(text)
+    tcfg = TrackingConfig(**tracking)
     run_id = find_or_create_run(
-        _tracking(tracking), root, "demo", {KIND_TAG: "demo"}, {"size": size, "seed": seed, "root": str(root)}
+        tcfg, root, "demo", {KIND_TAG: "demo"}, {"size": size, "seed": seed, "root": str(root)}
     )
-    logger = RunLogger(tracking_uri(_tracking(tracking)), run_id)
+    logger = RunLogger(tracking_uri(tcfg), run_id)
     for f in (results_md, frontier, path):
         logger.log_artifact(f)
     logger.log_table([{k: (_iv(v) if hasattr(v, "estimate") else v) for k, v in r.items()} for r in rows],
@@ -353,9 +352,3 @@ def run_demo(size: str = "full", root: str | Path | None = None, seed: int = 0, 
             "results_md": str(results_md), "frontier": str(frontier), "demo_run_id": run_id,
             "eval_parent_run_id": ev["parent_run_id"], "tracking_uri": tracking["tracking_uri"],
             "minutes": clock.elapsed / 60}  # fmt: skip
-
-
-def _tracking(d: dict):
-    from raydpo.config import TrackingConfig
-
-    return TrackingConfig(**d)

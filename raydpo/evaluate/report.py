@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def _iv(iv) -> str:
-    return f"{iv.estimate:.3f} [{iv.low:.3f}, {iv.high:.3f}]"
+def fmt_interval(iv) -> str:
+    """`estimate [low, high]` to 3 decimals; "-" for a missing interval."""
+    return "-" if iv is None else f"{iv.estimate:.3f} [{iv.low:.3f}, {iv.high:.3f}]"
 
 
 def results_table(results: dict, baselines: list[str]) -> str:
@@ -15,8 +16,8 @@ def results_table(results: dict, baselines: list[str]) -> str:
     lines = []
     for name, by_t in results.items():
         for t, m in sorted(by_t.items()):
-            cells = [name, f"{t:g}", _iv(m["reward/mean"]) if "reward/mean" in m else "-", _iv(m["kl"])]
-            cells += [_iv(m[f"winrate/vs_{b}"]) if f"winrate/vs_{b}" in m else "-" for b in baselines]
+            cells = [name, f"{t:g}", fmt_interval(m.get("reward/mean")), fmt_interval(m["kl"])]
+            cells += [fmt_interval(m.get(f"winrate/vs_{b}")) for b in baselines]
             lines.append(cells)
     widths = [max(len(c), *(len(r[i]) for r in lines)) for i, c in enumerate(cols)]
     fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731

@@ -174,12 +174,15 @@ def _by_temperature(rows: list[dict], t: float) -> list[dict]:
     return sorted((r for r in rows if r["temperature"] == t), key=lambda r: (r["sample"], r["idx"]))
 
 
-def summarize_policy(rows: list[dict], t: float, reward) -> dict:
-    """Mean ground-truth reward and KL to the reference, with 95% intervals, at temperature t."""
+def summarize_policy(rows: list[dict], t: float, reward, kl=None) -> dict:
+    """Mean ground-truth reward and KL to the reference, with 95% intervals, at temperature t
+    (`kl` given: used as is, e.g. Best-of-N's analytic value; else estimated from the samples)."""
     from raydpo.evaluate.metrics import kl_from_samples, mean_interval
 
     rs = _by_temperature(rows, t)
-    out = {"kl": kl_from_samples([r["logp_policy"] for r in rs], [r["logp_ref"] for r in rs])}
+    if kl is None:
+        kl = kl_from_samples([r["logp_policy"] for r in rs], [r["logp_ref"] for r in rs])
+    out = {"kl": kl}
     if reward is not None:
         out["reward/mean"] = mean_interval(reward([r["completion"] for r in rs]))
     return out
@@ -261,9 +264,9 @@ def run_eval(path: str, overrides: list[str] = (), log=print) -> dict:
     samples: dict[str, list[dict]] = {n: [] for n in policies}
     for n in policies:
         for t in cfg.temperatures:
-            results[n][t] = summarize_policy(rows[n], t, reward)
-            if isinstance(cfg.policies[n], BestOfNPolicy):
-                results[n][t]["kl"] = best_of_n_kl(cfg.policies[n].best_of_n)
+            spec = cfg.policies[n]
+            kl = best_of_n_kl(spec.best_of_n) if isinstance(spec, BestOfNPolicy) else None
+            results[n][t] = summarize_policy(rows[n], t, reward, kl)
             for b in cfg.baselines:
                 if b == n:
                     continue
