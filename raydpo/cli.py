@@ -1,6 +1,8 @@
 """The `raydpo` command: parse arguments, then call one function. No logic of its own.
 
 User errors (bad config, bad data, missing paths) print one line `raydpo: error: ...` and exit 2.
+Each verb imports its module when it runs (deferred: torch, Ray and transformers take seconds to
+import, and `raydpo --help` should not wait for them).
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ from raydpo.errors import UserError
 
 def _cmd_train(args) -> int:
     from raydpo.config import load_config
-    from raydpo.train.launch import run
+    from raydpo.methods import train
 
     cfg = load_config(args.config, args.overrides)
-    run(cfg)
+    train(cfg)
     return 0
 
 
@@ -62,7 +64,7 @@ def _cmd_data_validate(args) -> int:
     render = None
     if args.tokenizer:
         from raydpo.config import ModelConfig
-        from raydpo.modeling import load_tokenizer
+        from raydpo.models.loading import load_tokenizer
 
         render = chat_renderer(load_tokenizer(ModelConfig(policy=args.tokenizer)))
     qpath = args.quarantine or "quarantine.jsonl"

@@ -27,7 +27,16 @@ from pathlib import Path
 
 import yaml
 
+from raydpo.config import TrackingConfig, build_config
+from raydpo.engine.session import start_ray
+from raydpo.errors import UserError
 from raydpo.evaluate.report import fmt_interval as _iv
+from raydpo.evaluate.run import run_eval
+from raydpo.methods import train
+from raydpo.sweep import run_sweep
+from raydpo.tasks.prepare import SIZES as TASK_SIZES
+from raydpo.tasks.prepare import prepare
+from raydpo.tracking import KIND_TAG, RunLogger, find_or_create_run, tracking_uri
 
 # Per size: the task size, the DPO grid, the baselines' budgets and the eval's sample count.
 SIZES = {
@@ -76,8 +85,6 @@ class Clock:
 
 def check_settings(root: Path, settings: dict) -> None:
     """A demo folder holds one set of settings: finished stages are reused only for the same ones."""
-    from raydpo.errors import UserError
-
     path = root / "demo.json"
     if path.exists():
         if json.loads(path.read_text()) != json.loads(json.dumps(settings)):
@@ -96,15 +103,12 @@ def _done(run_dir: Path) -> bool:
 
 def _train(cfg: dict, clock: Clock, stage: int, what: str) -> str:
     """One Ray Train run (any method), skipped when its final model is already exported."""
-    from raydpo.config import build_config
-    from raydpo.train.launch import run
-
     rc = build_config(cfg, f"demo {what}")
     if _done(rc.run_dir):
         clock(f"{what}: done earlier ({rc.run_dir / 'final'})", stage)
         return str(rc.run_dir / "final")
     clock(f"{what} ...", stage)
-    return run(rc, log=lambda m: clock(f"  {m}"))["final_model"]
+    return train(rc, log=lambda m: clock(f"  {m}"))["final_model"]
 
 
 def _base(manifest: dict, root: Path, tracking: dict, seed: int) -> dict:
@@ -126,8 +130,6 @@ def _with(base: dict, **over) -> dict:
 
 def run_dpo_sweep(spec: dict, base: dict, root: Path, clock: Clock, stage: int) -> list[dict]:
     """The DPO sweep (every trial runs to the end: FIFO); returns one row per trial with its model."""
-    from raydpo.sweep import run_sweep
-
     sweep = {
         "name": "dpo-sweep",
         "base": _with(base, run_name="dpo-sweep", method="dpo",
@@ -147,8 +149,6 @@ def run_dpo_sweep(spec: dict, base: dict, root: Path, clock: Clock, stage: int) 
           f"{' (resuming)' if resume else ''} ...", stage)  # fmt: skip
     out = run_sweep(str(path), resume=resume, log=lambda m: clock(f"  {m}") if "\n" not in m else None)
     if out["failed"]:
-        from raydpo.errors import UserError
-
         raise UserError(f"{out['failed']} DPO trial(s) failed; see {out['summary_dir']}")
     rows = []
     for r in out["rows"]:
@@ -256,13 +256,6 @@ def paper_check(rows: list[dict]) -> tuple[bool, list[str]]:
 
 def run_demo(size: str = "full", root: str | Path | None = None, seed: int = 0, log=print) -> dict:
     """Run (or finish) the whole demo in `root`; returns the results rows, paths and MLflow ids."""
-    from raydpo.config import RunConfig, TrackingConfig
-    from raydpo.evaluate.run import run_eval
-    from raydpo.tasks.prepare import SIZES as TASK_SIZES
-    from raydpo.tasks.prepare import prepare
-    from raydpo.tracking import KIND_TAG, RunLogger, find_or_create_run, tracking_uri
-    from raydpo.train.launch import init_ray
-
     spec = SIZES[size]
     root = Path(root or f"runs/demo-{size}").resolve()
     check_settings(root, {"size": size, "seed": seed, "demo": spec, "task": TASK_SIZES[spec["task"]]})
@@ -270,7 +263,7 @@ def run_demo(size: str = "full", root: str | Path | None = None, seed: int = 0, 
     tracking = {"tracking_uri": f"sqlite:///{db}", "experiment": "raydpo-demo"}
     clock = Clock(log)
     clock(f"raydpo demo --size {size}: everything goes to {root}")
-    init_ray(RunConfig(), min_cpus=4)  # room for two sweep trials at once (1.1 CPU slots each)
+    start_ray(min_cpus=4)  # room for two sweep trials at once (1.1 CPU slots each)
     clock(f"preparing the sentiment task ({spec['task']}) ...", 1)
     manifest = prepare(root / "task", size=spec["task"], seed=seed, tracking=tracking,
                        log=lambda m: clock(f"  {m}"))  # fmt: skip

@@ -9,9 +9,17 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
+import ray
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+from raydpo import __version__
 from raydpo.config import RunConfig, TrackingConfig, config_to_dict, flatten
 from raydpo.errors import UserError
 
@@ -29,9 +37,6 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail fast with one line when an HTTP tracking server does not answer."""
     if not uri.startswith(("http://", "https://")):
         return
-    import urllib.error
-    import urllib.request
-
     try:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).read()
     except (urllib.error.URLError, OSError) as e:
@@ -39,9 +44,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         raise UserError(f"MLflow tracking server {uri} is not reachable: {reason}") from None
 
 
-def _client(uri: str):
-    from mlflow.tracking import MlflowClient
-
+def _client(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
 
 
@@ -53,21 +56,21 @@ def git_revision() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def run_tags(cfg: RunConfig, kind: str) -> dict[str, str]:
-    import ray
+# Config sections every run logs as params; a method adds its own (Method.params: DPO's loss, PPO's ppo).
+COMMON_SECTIONS = ("run_name", "method", "model", "data", "optim", "train", "scaling")
 
-    from raydpo import __version__
 
+def run_tags(cfg: RunConfig, kind: str, sections: tuple[str, ...] = ()) -> dict[str, str]:
     tags = {
         KIND_TAG: kind,
         "method": cfg.method,
         RUN_DIR_TAG: str(cfg.run_dir.resolve()),
         "raydpo.version": __version__,
         "ray.version": ray.__version__,
-        "loss": "+".join(cfg.loss.names),
-        "beta": str(cfg.loss.beta),
         "num_workers": str(cfg.scaling.num_workers),
     }
+    if "loss" in sections:  # the DPO family: sortable by loss and β
+        tags.update(loss="+".join(cfg.loss.names), beta=str(cfg.loss.beta))
     rev = git_revision()
     if rev:
         tags["git.revision"] = rev
@@ -88,8 +91,6 @@ def find_or_create_run(
         client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
     run = client.create_run(exp_id, run_name=run_name, tags={**tags, RUN_DIR_TAG: key})
-    from mlflow.entities import Param
-
     items = [Param(k, _param(v)) for k, v in params.items()]
     for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
         client.log_batch(run.info.run_id, params=items[i : i + 100])
@@ -97,15 +98,19 @@ def find_or_create_run(
 
 
 def start_or_resume_run(
-    cfg: RunConfig, kind: str = "train", parent_run_id: str | None = None, tags: dict[str, str] | None = None
+    cfg: RunConfig, method, kind: str = "train", parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
 ) -> str | None:
-    """The MLflow run of this training run (None when tracking is off)."""
+    """The MLflow run of this training run (None when tracking is off). Params: the common config
+    sections and the method's own (`method.params`), not the whole tree (config.yaml has it all)."""
     if not cfg.tracking.enabled:
         return None
-    tags = {**run_tags(cfg, kind), **(tags or {})}
+    tags = {**run_tags(cfg, kind, method.params), **(tags or {})}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    return find_or_create_run(cfg.tracking, cfg.run_dir, cfg.run_name, tags, flatten(config_to_dict(cfg)))
+    full = config_to_dict(cfg)
+    params = flatten({k: full[k] for k in COMMON_SECTIONS + tuple(method.params)})
+    return find_or_create_run(cfg.tracking, cfg.run_dir, cfg.run_name, tags, params)
 
 
 def _param(v: Any) -> str:
@@ -122,10 +127,6 @@ class RunLogger:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.client:
             return
-        import time
-
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         self.client.log_batch(self.run_id, metrics=batch)

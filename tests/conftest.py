@@ -13,14 +13,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     """A saved tiny Llama (random init) with a Llama-style tokenizer (BOS added, EOS </s>)."""
-    from raydpo.tiny import save_tiny
+    from raydpo.models.tiny import save_tiny
 
     return save_tiny(tmp_path_factory.mktemp("tiny-llama"), style="llama", arch="llama", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory):
-    from raydpo.tiny import save_tiny
+    from raydpo.models.tiny import save_tiny
 
     return save_tiny(tmp_path_factory.mktemp("tiny-gpt2"), style="gpt2", arch="gpt2", seed=0)
 
@@ -46,7 +46,7 @@ def ray_local():
             log_to_driver=False,
             logging_level="WARNING",
         )
-    from raydpo.train.launch import quiet_ray
+    from raydpo.engine.session import quiet_ray
 
     quiet_ray()
     yield ray

@@ -256,7 +256,7 @@ def test_ppo_gt_raises_reward_and_kl_grows(demo):
     from mlflow.tracking import MlflowClient
 
     from raydpo.config import build_config
-    from raydpo.train.launch import run
+    from raydpo.methods import train as run
 
     out = demo[0]
     manifest = _tasks(out)

@@ -43,7 +43,7 @@ def test_kl_to_another_reference_is_positive_on_average(ray_local, tiny_llama_di
 
     from raydpo.evaluate.generate import sample_policy
     from raydpo.evaluate.metrics import kl_from_samples
-    from raydpo.tiny import save_tiny
+    from raydpo.models.tiny import save_tiny
 
     other = save_tiny(tmp_path / "other", seed=1)  # same tokenizer, other random weights...
     model = AutoModelForCausalLM.from_pretrained(other)

@@ -30,7 +30,7 @@ def test_eval_logs_win_rates_frontier_and_samples(ray_local, tmp_path, tiny_llam
     from mlflow.tracking import MlflowClient
 
     from raydpo.evaluate.run import run_eval
-    from raydpo.tiny import save_tiny
+    from raydpo.models.tiny import save_tiny
 
     other = save_tiny(tmp_path / "other", seed=1)
     path = _write(

@@ -1,11 +1,11 @@
-"""Batched sampling (raydpo.generation) on tiny random-init models: order, seeding, EOS, padding."""
+"""Batched sampling (raydpo.models.generation) on tiny random-init models: order, seeding, EOS, padding."""
 
 import pytest
 import torch
 
-from raydpo.generation import Rollout, generate, mask_after_eos, sample_responses
+from raydpo.models.generation import Rollout, generate, mask_after_eos, sample_responses
 from raydpo.tasks.sentiment import make_corpus
-from raydpo.tiny import build_model, build_tokenizer
+from raydpo.models.tiny import build_model, build_tokenizer
 
 PROMPTS = ["the movie was", "i thought the acting", "the soundtrack", "in my opinion the director"]
 

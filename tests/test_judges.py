@@ -51,7 +51,7 @@ def tiny_rm_dir(tmp_path_factory):
     import torch
     from transformers import AutoModelForSequenceClassification, LlamaConfig
 
-    from raydpo.tiny import build_tokenizer
+    from raydpo.models.tiny import build_tokenizer
 
     tok = build_tokenizer("llama")
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -217,7 +217,7 @@ def test_llm_judge_unreachable_endpoint_fails_check():
 
 @pytest.mark.parametrize("style", ["llama", "qwen"])  # plain text / chat template
 def test_llm_judge_local_model_runs_and_is_deterministic(tmp_path, style):
-    from raydpo.tiny import save_tiny
+    from raydpo.models.tiny import save_tiny
 
     path = save_tiny(tmp_path / style, style=style, arch="llama", hidden=32, layers=1)
     judge = make_judge({"kind": "llm", "model": str(path)})

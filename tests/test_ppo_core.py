@@ -1,4 +1,4 @@
-"""Tests for raydpo.baselines.ppo_core: hand-derived values and properties of the PPO-for-RLHF math.
+"""Tests for raydpo.ops.ppo: hand-derived values and properties of the PPO-for-RLHF math.
 
 All hand-derived examples are float64. Padded (off-mask) positions hold deliberately wild values
 (100, inf, nan) to show they never leak into results or gradients. Constants (10 decimals):
@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from raydpo.baselines.ppo_core import (
+from raydpo.ops.ppo import (
     AdaptiveKLController,
     FixedKLController,
     gae,

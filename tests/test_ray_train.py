@@ -17,7 +17,7 @@ def test_two_workers_checkpoints_final_model_and_mlflow(ray_local, run_cfg, tmp_
     from mlflow.tracking import MlflowClient
     from transformers import AutoModelForCausalLM
 
-    from raydpo.train.launch import run
+    from raydpo.methods import train as run
 
     cfg = run_cfg(train={"checkpoint_every": 2, "eval_every": 2}, data={"eval_fraction": 0.25})
     out = run(cfg, log=lambda *_: None)
@@ -47,7 +47,7 @@ def test_two_workers_checkpoints_final_model_and_mlflow(ray_local, run_cfg, tmp_
 
 
 def test_two_workers_batch4_equal_one_worker_batch8(ray_local, run_cfg):
-    from raydpo.train.launch import run
+    from raydpo.methods import train as run
 
     two = run(run_cfg(run_name="w2", tracking={"enabled": False}), log=lambda *_: None)
     one = run(run_cfg(run_name="w1", scaling={"num_workers": 1}, train={"batch_size": 8},
@@ -69,7 +69,7 @@ def test_two_workers_batch4_equal_one_worker_batch8(ray_local, run_cfg):
 def test_stopped_run_resumes_same_curve_same_mlflow_run(ray_local, run_cfg, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from raydpo.train.launch import run
+    from raydpo.methods import train as run
 
     over = {"train": {"max_steps": 6, "checkpoint_every": 2}}
     full = run(run_cfg(run_name="full", tracking={"enabled": False}, **over), log=lambda *_: None)
@@ -95,7 +95,7 @@ def test_worker_failure_restarts_within_the_run(ray_local, run_cfg, tmp_path, mo
     With LoRA: the checkpoint and the export are the adapter; the reference is the base model."""
     from mlflow.tracking import MlflowClient
 
-    from raydpo.train.launch import run
+    from raydpo.methods import train as run
 
     monkeypatch.setenv("RAYDPO_FAULT_AT_STEP", "3")
     monkeypatch.setenv("RAYDPO_FAULT_MARKER", str(tmp_path / "fired"))
@@ -123,7 +123,7 @@ def test_epoch_order_is_seeded_and_differs_per_epoch(ray_local, run_cfg):
     order changes from epoch to epoch, and the same seed gives the same order again."""
     import ray
 
-    from raydpo.train.worker import epoch_batches
+    from raydpo.engine.worker import ShardSource
 
     ds = ray.data.from_items(
         [
@@ -134,8 +134,9 @@ def test_epoch_order_is_seeded_and_differs_per_epoch(ray_local, run_cfg):
     cfg = run_cfg(train={"batch_size": 4})
 
     def order(epoch, rank=0, world=1, seed_cfg=cfg):
-        return [t for b in epoch_batches(ds.iterator(), seed_cfg, epoch, rank, world, 0, "cpu")
-                for t in b["input_ids"][: b["input_ids"].shape[0] // 2, 1].tolist()]  # fmt: skip
+        t = seed_cfg.train
+        src = ShardSource(ds.iterator(), t.batch_size, t.seed, rank, world, 0, True, "cpu")
+        return [t for b in src.epoch(epoch) for t in b["input_ids"][: b["input_ids"].shape[0] // 2, 1].tolist()]
 
     e0, e1 = order(0), order(1)
     assert sorted(e0) == sorted(e1) == list(range(100, 132))

@@ -4,7 +4,7 @@ import pytest
 
 from raydpo.data.schema import BadRow, PreferenceRecord
 from raydpo.data.tokenize import IGNORE_INDEX, collate, tokenize_pair
-from raydpo.tiny import build_tokenizer
+from raydpo.models.tiny import build_tokenizer
 
 REC = PreferenceRecord(prompt="Review of Heat:", chosen=" great film", rejected=" dull", id="r1")
 

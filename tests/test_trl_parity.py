@@ -3,7 +3,9 @@
 Same tiny random-init Llama, same 4 preference pairs, two optimizer steps with AdamW at a constant
 learning rate and gradient clipping 1.0, batch = all 4 pairs (so the data order cannot differ).
 Step 1 has policy == reference (sigmoid loss is ln 2 whatever the data); the log-probs at step 1
-test tokenization and masking, and step 2 tests the update itself.
+test tokenization and masking, the gradient norm tests the backward pass (a scaled gradient would
+pass the losses alone: after AdamW's first step only its signs matter), and step 2 tests the update.
+raydpo's side is `engine.local.train_local`: the loop every Ray Train worker runs, with one worker.
 """
 
 import pytest
@@ -18,7 +20,7 @@ PAIRS = [
     {"prompt": "Review of Jaws:", "chosen": " a brilliant story.", "rejected": " terrible."},
 ]
 KEYS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-        "logps/chosen", "logps/rejected"]  # fmt: skip
+        "logps/chosen", "logps/rejected", "grad_norm"]  # fmt: skip
 LR = 1e-3
 
 
@@ -54,8 +56,9 @@ def _raydpo_history(model_dir, loss_type, beta, tmp_path):
     from raydpo.config import build_config
     from raydpo.data.schema import PreferenceRecord
     from raydpo.data.tokenize import pad_token_id, tokenize_pair
-    from raydpo.modeling import load_policy, load_reference, load_tokenizer
-    from raydpo.train.loop import train_local
+    from raydpo.engine.local import train_local
+    from raydpo.methods.dpo import DPO
+    from raydpo.models.loading import load_tokenizer
 
     cfg = build_config({
         "model": {"policy": str(model_dir)},
@@ -65,7 +68,7 @@ def _raydpo_history(model_dir, loss_type, beta, tmp_path):
     })  # fmt: skip
     tok = load_tokenizer(cfg.model)
     pairs = [tokenize_pair(PreferenceRecord(**p), tok, 512, 256) for p in PAIRS]
-    return train_local(cfg, pairs, load_policy(cfg.model), load_reference(cfg.model), pad_token_id(tok))
+    return train_local(cfg, DPO, pairs, pad_token_id(tok))  # the Ray workers' loop, with one worker
 
 
 @pytest.mark.slow
@@ -76,6 +79,6 @@ def test_matches_trl_over_two_steps(tiny_llama_dir, tmp_path, loss_type, beta):
     assert len(theirs) == 2 and len(ours) == 2
     for step, (t, o) in enumerate(zip(theirs, ours), start=1):
         for k in KEYS:
-            assert o[k] == pytest.approx(t[k], abs=1e-4), f"step {step} {k}: raydpo {o[k]} vs TRL {t[k]}"
+            assert o[k] == pytest.approx(t[k], abs=1e-6, rel=1e-5), f"step {step} {k}: raydpo {o[k]} vs TRL {t[k]}"
     # The second step must differ from the first, or the comparison proves nothing about the update.
     assert abs(ours[1]["logps/chosen"] - ours[0]["logps/chosen"]) > 1e-3

@@ -15,9 +15,16 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import ray
+from ray.data.expressions import col
+
 from raydpo.config import DataConfig, ModelConfig, RunConfig
+from raydpo.data.readers import detect_format, iter_rows
 from raydpo.data.schema import BadRow
+from raydpo.data.tokenize import tokenize_pair, tokenize_text
+from raydpo.data.validate import Quarantine, QuarantineReport, canonicalize, chat_renderer, check_bad_fraction
 from raydpo.errors import DataError
+from raydpo.models.loading import load_tokenizer
 
 PAIR_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids"]
 
@@ -57,10 +64,6 @@ def _plain(v: Any) -> Any:
 
 def source_dataset(cfg: DataConfig, source: str):
     """The raw rows of `source` as a Ray Dataset with columns row, raw, error."""
-    import ray
-
-    from raydpo.data.readers import detect_format
-
     fmt = detect_format(source, cfg.format)
     if fmt == "jsonl":
         ds = ray.data.read_binary_files(str(Path(source).resolve())).flat_map(_split_lines)
@@ -69,8 +72,6 @@ def source_dataset(cfg: DataConfig, source: str):
             _rows_to_json, batch_format="numpy"
         )
     else:  # builtin rows, or a Hugging Face dataset, go through the shared reader
-        from raydpo.data.readers import iter_rows
-
         rows = [
             {"row": i, "raw": json.dumps(r, default=repr), "error": ""}
             for i, r in iter_rows(source, cfg.format, cfg.split)
@@ -85,20 +86,14 @@ class PreparePairs:
 
     model_cfg: dict = {}  # set by `preparer` on a subclass, so actors take no constructor arguments
     data_cfg: dict = {}
-    method: str = "dpo"  # sft rows are texts (or prompt + completion); other methods read pairs
+    texts: bool = False  # rows are SFT texts (or prompt + completion) rather than preference pairs
 
     def __init__(self):
-        from raydpo.data.validate import chat_renderer
-        from raydpo.modeling import load_tokenizer
-
         self.data = DataConfig.model_validate(self.data_cfg)
         self.tokenizer = load_tokenizer(ModelConfig.model_validate(self.model_cfg))
         self.render = chat_renderer(self.tokenizer) if self.tokenizer.chat_template else None
 
     def one(self, raw: str, error: str) -> dict:
-        from raydpo.data.tokenize import tokenize_pair
-        from raydpo.data.validate import canonicalize
-
         if error:
             raise BadRow("undecodable", error)
         try:
@@ -107,7 +102,7 @@ class PreparePairs:
             raise BadRow("undecodable", f"invalid JSON: {e}") from None
         if not isinstance(row, dict):
             raise BadRow("wrong_type", f"a row must be a JSON object, got {type(row).__name__}")
-        if self.method == "sft":
+        if self.texts:
             return self.one_text(row)
         rec = canonicalize(row, self.data.columns, self.render)
         pair = tokenize_pair(rec, self.tokenizer, self.data.max_length, self.data.max_prompt_length)
@@ -116,8 +111,6 @@ class PreparePairs:
 
     def one_text(self, row: dict) -> dict:
         """An SFT row: {"text"} (trained on all of it) or {"prompt", "completion"} (on the completion)."""
-        from raydpo.data.tokenize import tokenize_text
-
         cols = self.data.columns
         if cols.text in row:
             prompt, completion = "", row[cols.text]
@@ -153,16 +146,14 @@ class PreparePairs:
         return cols
 
 
-def preparer(cfg: RunConfig) -> type[PreparePairs]:
+def preparer(cfg: RunConfig, texts: bool = False) -> type[PreparePairs]:
     """PreparePairs bound to this run's model and data configs."""
-    attrs = {"model_cfg": cfg.model.model_dump(), "data_cfg": cfg.data.model_dump(), "method": cfg.method}
+    attrs = {"model_cfg": cfg.model.model_dump(), "data_cfg": cfg.data.model_dump(), "texts": texts}
     return type("PreparePairs", (PreparePairs,), attrs)
 
 
 def preflight(cfg: RunConfig, tokenizer, source: str) -> None:
     """Checks on the driver before any Ray work: the source exists and, if conversational, can be rendered."""
-    from raydpo.data.readers import iter_rows
-
     for _, row in iter_rows(source, cfg.data.format, cfg.data.split, max_rows=1):
         if isinstance(row, dict) and any(isinstance(v, list) for v in row.values()):
             if not getattr(tokenizer, "chat_template", None):
@@ -177,16 +168,15 @@ def _no_restarts() -> dict:
     return {"max_restarts": 0}
 
 
-def prepare_dataset(cfg: RunConfig, source: str, quarantine_path: Path, concurrency: int = 1):
-    """Validated, tokenized pairs of `source` as a materialized Dataset, plus the quarantine report."""
-    import ray
-
-    from raydpo.data.validate import Quarantine, QuarantineReport, check_bad_fraction
-
+def prepare_dataset(
+    cfg: RunConfig, source: str, quarantine_path: Path, concurrency: int = 1, texts: bool = False
+):
+    """Validated, tokenized pairs (or SFT texts) of `source` as a materialized Dataset, plus the
+    quarantine report."""
     with warnings.catch_warnings():  # the only way to set max_restarts=0 until Ray 2.64 names it
         warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*")
         ds = source_dataset(cfg.data, source).map_batches(
-            preparer(cfg),
+            preparer(cfg, texts),
             compute=ray.data.ActorPoolStrategy(size=concurrency),
             batch_size=256,
             batch_format="numpy",
@@ -194,8 +184,6 @@ def prepare_dataset(cfg: RunConfig, source: str, quarantine_path: Path, concurre
         )
     ds = ds.materialize()
     total = ds.count()
-    from ray.data.expressions import col
-
     bad = ds.filter(expr=col("ok") == False).take_all()  # noqa: E712 (an expression, not a comparison)
     with Quarantine(quarantine_path) as q:
         for r in sorted(bad, key=lambda r: r["row"]):

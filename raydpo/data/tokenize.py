@@ -1,6 +1,6 @@
 """Tokenization and collation of preference pairs: pure functions of records and a tokenizer.
 
-Layout of one pair (DESIGN.md; the same as TRL's DPOTrainer for standard data):
+Layout of one pair (the same as TRL's DPOTrainer for standard data):
 
     prompt_ids   = [BOS if the tokenizer adds one] + tokens(prompt)      tokenized once per pair
     chosen_ids   = tokens(chosen)   + [EOS]                              the response alone
@@ -98,7 +98,7 @@ def collate(
 
     Returns input_ids (2B, T), attention_mask (2B, T) and labels (2B, T) holding the token id on
     response positions and -100 elsewhere. Labels are not shifted: the token at t is scored from
-    the logits at t-1 (see modeling.sequence_logps).
+    the logits at t-1 (see ops.logprobs.sequence_logps).
     """
     seqs = [p.prompt_ids + p.chosen_ids for p in pairs]
     if not chosen_only:  # `chosen_only`: B rows (SFT, Preferred-FT) instead of 2B
@@ -119,5 +119,9 @@ def collate(
 
 
 def pad_token_id(tokenizer) -> int:
-    """The id used for padding: the tokenizer's pad token, else EOS (masked out either way)."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    """The id used for padding: the tokenizer's pad token, else EOS (masked out either way; GPT-2 style
+    tokenizers have no pad token)."""
+    pid = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pid is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token")
+    return pid

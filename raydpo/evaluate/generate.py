@@ -11,7 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import ray
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from raydpo.models.generation import sample_responses
+from raydpo.ops.logprobs import rollout_logps
 
 
 class PolicySampler:
@@ -25,24 +30,18 @@ class PolicySampler:
     seed: int = 0
 
     def __init__(self):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         self.tok = AutoTokenizer.from_pretrained(self.policy)
         self.model = AutoModelForCausalLM.from_pretrained(self.policy).eval()
         self.ref = AutoModelForCausalLM.from_pretrained(self.reference).eval() if self.reference else None
 
     def _logps(self, model, ro) -> torch.Tensor:
-        """(B,) summed log-probs of the sampled response tokens under `model`."""
-        from raydpo.baselines.ppo import reference_logprobs
-
+        """(B,) summed log-probs of the sampled response tokens under `model` (at temperature 1)."""
         full_ids = torch.cat([ro.query_ids, ro.response_ids], 1)
         full_mask = torch.cat([ro.query_mask, ro.response_mask], 1)
-        lp = reference_logprobs(model, full_ids, full_mask, ro.query_ids.shape[1])  # (B, Tr)
+        lp = rollout_logps(model, full_ids, full_mask, ro.query_ids.shape[1])  # (B, Tr)
         return (lp * ro.response_mask).sum(1)
 
     def __call__(self, batch: dict) -> dict:
-        from raydpo.generation import sample_responses
-
         prompts, idx = [str(p) for p in batch["prompt"]], [int(i) for i in batch["idx"]]
         out: dict[str, list] = {k: [] for k in ("idx", "prompt", "temperature", "sample", "completion",
                                                  "logp_policy", "logp_ref")}  # fmt: skip
@@ -80,8 +79,6 @@ def sample_policy(
 
     Rows: idx, prompt, temperature, sample, completion, logp_policy, logp_ref (NaN without a reference).
     """
-    import ray
-
     ds = ray.data.from_items([{"idx": i, "prompt": p} for i, p in enumerate(prompts)])
     ds = ds.map_batches(
         sampler(policy, reference, temperatures, n, max_new_tokens, seed),

@@ -5,7 +5,7 @@ judge cannot be used (before any generation starts), and `compare(prompts, a, b)
 one outcome per prompt from A's point of view (1.0 = A better, 0.0 = B better, 0.5 = tie), the
 convention of `raydpo.evaluate.metrics`. Judges are looked up by kind in `JUDGES` (see `make_judge`):
 
-- "reward":       a ground-truth reward function from `raydpo.rewards` (e.g. VADER sentiment), pointwise.
+- "reward":       a ground-truth reward function (`raydpo.models.rewards`, e.g. VADER), pointwise.
 - "reward_model": a raydpo reward model directory (sequence classifier, num_labels=1), pointwise.
 - "llm":          a pairwise LLM judge, a local Hugging Face causal LM or an OpenAI-compatible endpoint.
 
@@ -26,8 +26,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
 from raydpo.errors import ConfigError, UserError
 from raydpo.evaluate.metrics import outcomes_from_scores
+from raydpo.models.rewards import get_reward
+from raydpo.models.scoring import score_texts
 
 
 class Verdicts(NamedTuple):
@@ -61,7 +66,7 @@ def _require_model_dir(path: str, what: str) -> None:
 
 
 class RewardJudge:
-    """Ground-truth reward function by name (`raydpo.rewards.REWARDS`), applied to completions only.
+    """Ground-truth reward function by name (`raydpo.models.rewards.REWARDS`), applied to completions only.
 
     Measures which completion has the higher true reward, e.g. VADER compound sentiment for the
     controlled-sentiment task (the DPO paper's Sec. 6.1 judge). Scores within `tie_tol` are ties.
@@ -75,8 +80,6 @@ class RewardJudge:
         self._fn = None
 
     def check(self) -> None:
-        from raydpo.rewards import get_reward
-
         self._fn = self._fn or get_reward(self.reward_name)  # ConfigError (a UserError) if unknown
 
     def compare(self, prompts: list[str], a: list[str], b: list[str]) -> Verdicts:
@@ -108,8 +111,6 @@ class RewardModelJudge:
         if self._model is not None:
             return
         self.check()
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
         try:
             self._tokenizer = AutoTokenizer.from_pretrained(self.path)
             self._model = AutoModelForSequenceClassification.from_pretrained(self.path).eval()
@@ -117,13 +118,7 @@ class RewardModelJudge:
             raise UserError(f"cannot load reward model {self.path!r}: {str(e).splitlines()[0]}") from None
 
     def _scores(self, prompts: list[str], responses: list[str]) -> list[float]:
-        from raydpo.baselines.best_of_n import score_with_reward_model
-
-        out: list[float] = []
-        for i in range(0, len(prompts), self.batch_size):
-            sl = slice(i, i + self.batch_size)
-            out += score_with_reward_model(self._model, self._tokenizer, prompts[sl], responses[sl])
-        return out
+        return score_texts(self._model, self._tokenizer, prompts, responses, self.batch_size)
 
     def compare(self, prompts: list[str], a: list[str], b: list[str]) -> Verdicts:
         _same_lengths(prompts, a, b)
@@ -178,17 +173,12 @@ class _LocalBackend:
     def _load(self) -> None:
         if self._model is not None:
             return
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         self.check()
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self._model = AutoModelForCausalLM.from_pretrained(self.model_dir).to(self.device).eval()
 
     def ask(self, text: str) -> str:
-        import torch
-
         self._load()
         tok = self._tokenizer
         if tok.chat_template:

@@ -31,14 +31,25 @@ assumes its policy is the reference, as an interval of width 0 since it is not e
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import Discriminator, Field, Tag, ValidationError, model_validator
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from raydpo.config import TrackingConfig, _describe, _Strict, apply_overrides, read_yaml
+from raydpo.data.prompts import read_prompts as read_prompt_column
+from raydpo.engine.session import start_ray
 from raydpo.errors import ConfigError, UserError
+from raydpo.evaluate.generate import sample_policy
+from raydpo.evaluate.judges import make_judge
+from raydpo.evaluate.metrics import Interval, kl_from_samples, mean_interval, win_rate
+from raydpo.evaluate.report import plot_frontier, plot_winrates, results_table
+from raydpo.models.rewards import get_reward
+from raydpo.models.scoring import score_texts
+from raydpo.tracking import KIND_TAG, RUN_DIR_TAG, RunLogger, _client, find_or_create_run, tracking_uri
 
 
 class BestOfNPolicy(_Strict):
@@ -99,31 +110,14 @@ def resolve_policy(path: str) -> Path:
 
 
 def read_prompts(cfg: EvalConfig) -> list[str]:
-    from raydpo.data.readers import iter_rows
-
-    prompts = [r[cfg.prompt_column] for _, r in iter_rows(cfg.prompts, max_rows=cfg.max_prompts)
-               if isinstance(r, dict) and isinstance(r.get(cfg.prompt_column), str)]  # fmt: skip
-    if not prompts:
-        raise UserError(f"{cfg.prompts}: no rows with a '{cfg.prompt_column}' string")
-    return prompts
+    return read_prompt_column(cfg.prompts, cfg.prompt_column, max_rows=cfg.max_prompts)
 
 
 def reward_model_scorer(reward_model: Path, tokenizer_dir: Path):
-    """score(prompts, completions) → reward-model scores, in chunks of 64."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from raydpo.baselines.best_of_n import score_with_reward_model
-
+    """score(prompts, completions) → reward-model scores (models.scoring, as in training and PPO)."""
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     rm = AutoModelForSequenceClassification.from_pretrained(reward_model).eval()
-
-    def score(prompts: list[str], completions: list[str]) -> list[float]:
-        out: list[float] = []
-        for i in range(0, len(prompts), 64):
-            out += score_with_reward_model(rm, tok, prompts[i : i + 64], completions[i : i + 64])
-        return out
-
-    return score
+    return lambda prompts, completions: score_texts(rm, tok, prompts, completions)
 
 
 def best_of_n_rows(rows: list[dict], n: int, score) -> list[dict]:
@@ -139,18 +133,12 @@ def best_of_n_rows(rows: list[dict], n: int, score) -> list[dict]:
 
 def best_of_n_kl(n: int):
     """The analytic KL(best-of-n ‖ π) ≤ log n − (n − 1)/n, as an interval of width 0 (not estimated)."""
-    import math
-
-    from raydpo.evaluate.metrics import Interval
-
     v = math.log(n) - (n - 1) / n
     return Interval(v, v, v, 0)
 
 
 def sample_all(cfg: EvalConfig, prompts: list[str], reference: Path, log) -> dict[str, list[dict]]:
     """Samples of every policy (Best-of-N: its selections), each over the same prompts and slots."""
-    from raydpo.evaluate.generate import sample_policy
-
     kw = dict(reference=reference, temperatures=cfg.temperatures, max_new_tokens=cfg.max_new_tokens,
               seed=cfg.seed)  # fmt: skip
     rows = {}
@@ -177,8 +165,6 @@ def _by_temperature(rows: list[dict], t: float) -> list[dict]:
 def summarize_policy(rows: list[dict], t: float, reward, kl=None) -> dict:
     """Mean ground-truth reward and KL to the reference, with 95% intervals, at temperature t
     (`kl` given: used as is, e.g. Best-of-N's analytic value; else estimated from the samples)."""
-    from raydpo.evaluate.metrics import kl_from_samples, mean_interval
-
     rs = _by_temperature(rows, t)
     if kl is None:
         kl = kl_from_samples([r["logp_policy"] for r in rs], [r["logp_ref"] for r in rs])
@@ -190,8 +176,6 @@ def summarize_policy(rows: list[dict], t: float, reward, kl=None) -> dict:
 
 def compare(judge, rows_a: list[dict], rows_b: list[dict], t: float):
     """Win rate of A over B on the same prompts and sample slots, with the verdicts."""
-    from raydpo.evaluate.metrics import win_rate
-
     a, b = _by_temperature(rows_a, t), _by_temperature(rows_b, t)
     verdicts = judge.compare(
         [r["prompt"] for r in a], [r["completion"] for r in a], [r["completion"] for r in b]
@@ -206,8 +190,6 @@ def _interval_metrics(name: str, iv) -> dict[str, float]:
 def _mlflow_child(cfg: EvalConfig, parent: str, name: str, path: Path, results: dict, samples: list[dict]):
     """One eval run per policy, linked to the run that produced it (by the run directory tag; for
     Best-of-N, the run of the policy it samples)."""
-    from raydpo.tracking import KIND_TAG, RUN_DIR_TAG, RunLogger, _client, find_or_create_run, tracking_uri
-
     uri = tracking_uri(cfg.tracking)
     tags = {
         KIND_TAG: "eval",
@@ -236,12 +218,6 @@ def _mlflow_child(cfg: EvalConfig, parent: str, name: str, path: Path, results: 
 
 def run_eval(path: str, overrides: list[str] = (), log=print) -> dict:
     """Validate, check the judge, sample every policy (Ray Data), judge, log, print the table."""
-    from raydpo.evaluate.judges import make_judge
-    from raydpo.evaluate.report import plot_frontier, plot_winrates, results_table
-    from raydpo.rewards import get_reward
-    from raydpo.tracking import KIND_TAG, RunLogger, find_or_create_run, tracking_uri
-    from raydpo.train.launch import init_ray
-
     cfg = load_eval_config(path, overrides)
     policies = {n: policy_path(p) for n, p in cfg.policies.items()}
     for spec in cfg.policies.values():
@@ -252,9 +228,7 @@ def run_eval(path: str, overrides: list[str] = (), log=print) -> dict:
     judge.check()  # an unreachable judge fails here, before any generation
     reward = get_reward(cfg.reward) if cfg.reward else None
     prompts = read_prompts(cfg)
-    from raydpo.config import RunConfig
-
-    init_ray(RunConfig())
+    start_ray()
     log(
         f"eval {cfg.name}: {len(policies)} policies × {len(prompts)} prompts × "
         f"{len(cfg.temperatures)} temperatures"

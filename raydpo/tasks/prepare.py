@@ -17,6 +17,14 @@ import json
 import os
 from pathlib import Path
 
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from raydpo.config import build_config
+from raydpo.methods import train
+from raydpo.models.generation import generate
+from raydpo.models.tiny import build_model, build_tokenizer
+from raydpo.tasks.sentiment import SentimentReward, corpus_stats, label_pairs, make_corpus, make_prompts
+
 SIZES = {
     # corpus texts, model (hidden, layers, heads), vocab, SFT epochs, prompts, samples per prompt
     "tiny": {
@@ -49,8 +57,6 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def _sft_config(root: Path, size: dict, seed: int, tracking: dict):
-    from raydpo.config import build_config
-
     return build_config({
         "run_name": "sft", "method": "sft",
         "model": {"policy": str(root / "init_model")},
@@ -64,11 +70,6 @@ def _sft_config(root: Path, size: dict, seed: int, tracking: dict):
 
 def sample_and_pair(model_dir: Path, prompts: list[str], k: int, seed: int, temperature: float = 1.0):
     """K samples per prompt from a policy, VADER rewards, Bradley–Terry pairs, and sample statistics."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from raydpo.generation import generate
-    from raydpo.tasks.sentiment import SentimentReward, label_pairs
-
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     completions = generate(model, tok, prompts, n=k, max_new_tokens=24, temperature=temperature, seed=seed)
@@ -84,10 +85,6 @@ def prepare(
     root: str | os.PathLike, size: str = "tiny", seed: int = 0, tracking: dict | None = None, log=print
 ) -> dict:
     """Build (or reuse) the task in `root`; returns the manifest."""
-    from raydpo.tasks.sentiment import SentimentReward, corpus_stats, make_corpus, make_prompts
-    from raydpo.tiny import build_model, build_tokenizer
-    from raydpo.train.launch import run
-
     root, spec = Path(root).resolve(), SIZES[size]
     manifest_path = root / "task.json"
     if manifest_path.exists():
@@ -108,7 +105,7 @@ def prepare(
         f"SFT policy: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
         "training on the corpus"
     )
-    sft = run(_sft_config(root, spec, seed, tracking or {}), log=log)
+    sft = train(_sft_config(root, spec, seed, tracking or {}), log=log)
     prompts = make_prompts(spec["prompts"], seed)
     eval_prompts = make_prompts(max(64, spec["prompts"] // 4), seed + 1)
     _write_jsonl(root / "prompts.jsonl", [{"prompt": p} for p in prompts])

@@ -17,7 +17,7 @@ Our version keeps the shape of the task and drops every download:
 - preference pairs are labelled from that reward by Bradley–Terry sampling, as a noisy human
   annotator would (`label_pairs`).
 
-Another module trains the tiny LM on the corpus and samples completions (raydpo.generation).
+Another module trains the tiny LM on the corpus and samples completions (raydpo.models.generation).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import math
 import random
 import statistics
 from collections.abc import Callable
+
+from raydpo.models.rewards import SentimentReward  # noqa: F401 (the task's ground truth, defined with the rewards)
 
 # Neutral openings: (text, kind). kind "np" ends on a singular subject and takes " was <adj>";
 # kind "adj" already ends on a verb that takes an adjective. Each is 2–5 words and can go either way.
@@ -132,25 +134,6 @@ def make_prompts(n: int, seed: int) -> list[str]:
     if n <= len(PROMPTS):
         return rng.sample(PROMPTS, n)
     return rng.choices(PROMPTS, k=n)
-
-
-class SentimentReward:
-    """Ground-truth reward: VADER's compound score in [-1, 1] of each completion text.
-
-    Callers pass completions only (not prompt + completion): the prompts are neutral by design, so
-    the score measures what the policy wrote. "i loved it, wonderful." → +0.8225; "what a waste of
-    time, i hated it." → -0.7906; a sentence with no lexicon word ("it runs about two hours.") → 0.0.
-    """
-
-    name = "vader"
-
-    def __init__(self) -> None:
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-        self._analyzer = SentimentIntensityAnalyzer()  # loads the lexicon file once
-
-    def __call__(self, texts: list[str]) -> list[float]:
-        return [float(self._analyzer.polarity_scores(t)["compound"]) for t in texts]
 
 
 def bradley_terry(r_a: float, r_b: float, temperature: float) -> float:

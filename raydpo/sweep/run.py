@@ -30,10 +30,20 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
+import ray
 from pydantic import Field, ValidationError, model_validator
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from raydpo.config import RunConfig, _describe, _Strict, apply_overrides, build_config, read_yaml
+from raydpo.engine.launch import build_datasets, preflight
+from raydpo.engine.session import start_ray
 from raydpo.errors import ConfigError, UserError
+from raydpo.methods import METHODS, get_method, train
+from raydpo.sweep.report import summarize
+from raydpo.tracking import KIND_TAG, RunLogger, find_or_create_run, tracking_uri
 
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 SWEEP_FIELDS = set(
@@ -65,8 +75,6 @@ class SearchDim(_Strict):
         return list(v) if self.kind != "randint" else [v[0], v[1] - 1]
 
     def to_tune(self):
-        from ray import tune
-
         v = getattr(self, self.kind)
         makers = {"grid": tune.grid_search, "choice": tune.choice, "uniform": tune.uniform,
                   "loguniform": tune.loguniform, "randint": tune.randint}  # fmt: skip
@@ -92,18 +100,12 @@ class SweepConfig(_Strict):
     base: str | dict = {}  # base run config: a YAML path relative to the sweep file, or inline
     search: dict[str, SearchDim]  # config key → search dimension
     num_samples: int = Field(1, gt=0)  # samples of the space (each repeats the grid)
-    metric: str = "loss"  # the metric Tune optimizes (a step metric, or eval/<name>)
+    metric: str = "loss"  # the metric Tune optimizes: one the base config's method reports (eval/<name> too)
     mode: Literal["min", "max"] = "min"  # minimize or maximize it
     scheduler: SchedulerConfig | None = None  # None = run every trial to the end
     max_concurrent_trials: int = Field(1, gt=0)  # trials at once
     trial: TrialScaling = TrialScaling()  # scaling for each trial's run
     seed: int = 0  # seeds random search
-
-
-def _metric_names() -> set[str]:
-    from raydpo.train.step import EVAL_METRICS, TRAIN_METRICS
-
-    return set(TRAIN_METRICS) | {f"eval/{m}" for m in EVAL_METRICS}
 
 
 def load_sweep(path: str | os.PathLike, overrides: list[str] = ()) -> tuple[SweepConfig, dict]:
@@ -152,10 +154,12 @@ def validate_space(sweep: SweepConfig, base: dict, where: str) -> None:
 
 
 def validate_metric(sweep: SweepConfig, base: RunConfig, where: str) -> None:
-    names = _metric_names()
+    """The metric must be one the base config's method reports (its Method record says which)."""
+    names = set(METHODS[base.method].reported)
     if sweep.metric not in names:
         raise ConfigError(
-            f"{where}: metric {sweep.metric!r} is not reported; allowed: {', '.join(sorted(names))}"
+            f"{where}: metric {sweep.metric!r} is not reported by method {base.method}; "
+            f"allowed: {', '.join(sorted(names))}"
         )
     if sweep.metric.startswith("eval/") and not (
         (base.data.eval_fraction > 0 or base.data.eval_source) and base.train.eval_every
@@ -166,8 +170,6 @@ def validate_metric(sweep: SweepConfig, base: RunConfig, where: str) -> None:
 
 def check_resources(sweep: SweepConfig, base: dict) -> None:
     """A trial that asks for more GPUs or custom resources than the cluster has can never start."""
-    import ray
-
     scaling = RunConfig.model_validate(with_params(base, {}, sweep.trial)).scaling
     have = ray.cluster_resources()
     need = {"CPU": scaling.num_workers * scaling.cpus_per_worker, **{
@@ -193,34 +195,24 @@ def shares_data(sweep: SweepConfig) -> bool:
 # ----------------------------------------------------------------------------- running
 
 
-def trial_main(
-    params: dict, *, base: dict, sweep: dict, root: str, parent_run_id, prepared, fault: dict
-) -> None:
+def trial_main(params: dict, *, base: dict, sweep: dict, root: str, parent_run_id, prepared) -> None:
     """One Tune trial: this trial's config → one Ray Train run, its reports forwarded to Tune."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from raydpo.train.launch import run
-
     trial = TrialScaling.model_validate(sweep["trial"])
     cfg = build_config(with_params(base, params, trial), f"sweep {sweep['name']}")
     trial_id = tune.get_context().get_trial_id()
     cfg = cfg.model_copy(update={"run_name": trial_id, "train": cfg.train.model_copy(
         update={"output_dir": str(Path(root) / "trials")})})  # fmt: skip
-    os.environ.update({k: v for k, v in fault.items() if v})
     tags = {
         "raydpo.sweep": sweep["name"],
         "raydpo.trial_id": trial_id,
         **{f"sweep.{k}": str(v) for k, v in params.items()},
     }
-    run(cfg, log=lambda *_: None, prepared=prepared, kind="trial", parent_run_id=parent_run_id, tags=tags,
-        callbacks=[TuneReportCallback()], stream=None)  # fmt: skip
+    train(cfg, log=lambda *_: None, prepared=prepared, kind="trial", parent_run_id=parent_run_id, tags=tags,
+          callbacks=[TuneReportCallback()], stream=None)  # fmt: skip
 
 
 def progress_callback(sweep: SweepConfig, total: int, show):
     """A Tune callback that shows one line when a trial starts, finishes or fails."""
-    from ray import tune
-
     class SweepProgress(tune.Callback):
         # Everything lives on the instance (no closure), and the console function is not pickled
         # with Tune's run config: Tune pickles its callbacks when it saves the experiment.
@@ -253,10 +245,6 @@ def progress_callback(sweep: SweepConfig, total: int, show):
 
 
 def _tuner(sweep: SweepConfig, trainable, root: Path, max_steps: int, callbacks=None):
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
     sched = FIFOScheduler()
     if sweep.scheduler and sweep.scheduler.type == "asha":
         s = sweep.scheduler
@@ -276,8 +264,6 @@ def _tuner(sweep: SweepConfig, trainable, root: Path, max_steps: int, callbacks=
 
 
 def _parent_run(sweep: SweepConfig, base_cfg: RunConfig, root: Path, path: str) -> str | None:
-    from raydpo.tracking import KIND_TAG, RunLogger, find_or_create_run, tracking_uri
-
     if not base_cfg.tracking.enabled:
         return None
     tags = {
@@ -295,11 +281,6 @@ def _parent_run(sweep: SweepConfig, base_cfg: RunConfig, root: Path, path: str) 
 
 def run_sweep(path: str, overrides: list[str] = (), resume: bool = False, log=print) -> dict:
     """Validate the sweep file, run (or resume) it on Tune, log and print the summary."""
-    from ray import tune
-
-    from raydpo.sweep_report import summarize
-    from raydpo.train.launch import build_datasets, init_ray, preflight
-
     sweep, base = load_sweep(path, list(overrides))
     base = {**base, "run_name": sweep.name}
     base_cfg = build_config(with_params(base, {}, sweep.trial), f"{path}: base")
@@ -312,14 +293,16 @@ def run_sweep(path: str, overrides: list[str] = (), resume: bool = False, log=pr
             f"sweep {sweep.name} already exists at {root}; pass --resume to continue it, or rename it"
         )
     preflight(base_cfg)
-    init_ray(base_cfg)
+    s = base_cfg.scaling
+    start_ray(s.num_workers * s.cpus_per_worker + 1)
     check_resources(sweep, base)
     parent = _parent_run(sweep, base_cfg, root, path)
-    prepared = build_datasets(base_cfg, log) if shares_data(sweep) else None
-    fault = {k: os.environ.get(k, "") for k in ("RAYDPO_FAULT_AT_STEP", "RAYDPO_FAULT_MARKER")}
+    method = get_method(base_cfg.method)
+    shared = shares_data(sweep) and method.data != "prompts"
+    prepared = build_datasets(base_cfg, log, texts=method.data == "texts") if shared else None
     trainable = tune.with_resources(
         tune.with_parameters(trial_main, base=base, sweep=sweep.model_dump(), root=str(root),
-                             parent_run_id=parent, prepared=prepared, fault=fault),
+                             parent_run_id=parent, prepared=prepared),
         {"CPU": 0.1},  # the trial function mostly waits; its Ray Train workers hold the CPUs
     )  # fmt: skip
     n = _count_trials(sweep)

@@ -20,6 +20,8 @@ from typing import NamedTuple
 
 import torch
 
+from raydpo.data.tokenize import pad_token_id
+
 
 class Rollout(NamedTuple):
     """Sampled responses as tensors (on the model's device), row b = prompt b."""
@@ -29,14 +31,6 @@ class Rollout(NamedTuple):
     response_ids: torch.Tensor  # (B, Tr) long, right-padded with the pad id after the first EOS
     response_mask: torch.Tensor  # (B, Tr) long, 1 up to and including the first EOS, 0 after
     texts: list[str]  # decoded responses, cut at the first EOS, special tokens skipped
-
-
-def pad_id(tokenizer) -> int:
-    """The id used for padding: the pad token, else EOS (GPT-2 style tokenizers have no pad)."""
-    pid = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pid is None:
-        raise ValueError("tokenizer has neither a pad nor an EOS token")
-    return pid
 
 
 def _left_pad(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +46,7 @@ def _left_pad(tokenizer, prompts: list[str], device) -> tuple[torch.Tensor, torc
                 raise ValueError(f"prompt {i} is empty and the tokenizer has no BOS token to start from")
             seqs[i] = [tokenizer.bos_token_id]
     width = max(len(s) for s in seqs)
-    pid = pad_id(tokenizer)
+    pid = pad_token_id(tokenizer)
     ids = torch.tensor([[pid] * (width - len(s)) + list(s) for s in seqs], dtype=torch.long, device=device)
     mask = torch.tensor(
         [[0] * (width - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long, device=device
@@ -82,7 +76,7 @@ def _sample_batch(model, tokenizer, prompts, *, max_new_tokens, temperature, top
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     device = next(model.parameters()).device
     query_ids, query_mask = _left_pad(tokenizer, prompts, device)
-    pad, eos = pad_id(tokenizer), tokenizer.eos_token_id
+    pad, eos = pad_token_id(tokenizer), tokenizer.eos_token_id
     kw = dict(max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos, do_sample=temperature > 0)
     if temperature > 0:  # greedy gets no sampling knobs: HF warns when they are set with do_sample=False
         kw.update(temperature=temperature, top_k=top_k or 0, top_p=1.0, repetition_penalty=1.0)

@@ -13,7 +13,15 @@ Tokenizer styles mirror the three families whose special tokens differ:
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
+
+from raydpo.data.builtin import tiny_prefs
+from raydpo.errors import ConfigError
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -29,15 +37,12 @@ _SPECIALS = {
 
 def default_corpus() -> list[str]:
     """Text the builtin tokenizer is trained on: the builtin preference pairs."""
-    from raydpo.data.builtin import tiny_prefs
 
     return [r["prompt"] + r["chosen"] + r["rejected"] for r in tiny_prefs(n=256)]
 
 
 def build_tokenizer(style: str = "llama", corpus: list[str] | None = None, vocab_size: int = 512):
     """Train a byte-level BPE tokenizer on `corpus` and wrap it as a PreTrainedTokenizerFast."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
     sp = _SPECIALS[style]
     specials = [t for t in dict.fromkeys(sp.values()) if t] + (
@@ -69,8 +74,6 @@ def build_model(
     tokenizer, arch: str = "llama", hidden: int = 64, layers: int = 2, heads: int = 4, seed: int = 0
 ):
     """A random-init causal LM sized for tests (~100k parameters at the defaults)."""
-    import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
     vocab = len(tokenizer)
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -110,8 +113,6 @@ BUILTIN_MODELS = {"builtin:tiny-llama": ("llama", "llama"), "builtin:tiny-gpt2":
 def builtin_model_dir(name: str) -> Path:
     """Materialize a builtin model once per machine (under RAYDPO_CACHE, default ~/.cache/raydpo)."""
     if name not in BUILTIN_MODELS:
-        from raydpo.errors import ConfigError
-
         raise ConfigError(f"unknown builtin model {name!r}; allowed: {', '.join(BUILTIN_MODELS)}")
     style, arch = BUILTIN_MODELS[name]
     root = Path(os.environ.get("RAYDPO_CACHE", Path.home() / ".cache" / "raydpo"))
@@ -122,7 +123,5 @@ def builtin_model_dir(name: str) -> Path:
         try:
             os.replace(tmp, target)  # atomic: concurrent builders never see half a directory
         except OSError:  # another process won the race; its copy is identical
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
     return target

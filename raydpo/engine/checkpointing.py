@@ -1,8 +1,10 @@
 """Checkpoints: the model in Hugging Face layout plus the trainer state, written atomically.
 
 Layout of one checkpoint directory:
-    model/               save_pretrained of the policy (a LoRA adapter when training LoRA)
-    trainer_state.pt     optimizer, scheduler, RNG states, data position, MLflow run id
+    model/               save_pretrained of the policy (a LoRA adapter when training LoRA; PPO adds
+                         its value head as value_head.safetensors)
+    trainer_state.pt     optimizer, scheduler, RNG states, data position, MLflow run id, and the
+                         method's own state (PPO: the KL coefficient)
 The trainer state is loaded with `weights_only=True`: nothing is unpickled beyond tensors and
 plain Python values.
 """
@@ -14,14 +16,13 @@ import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 STATE_FILE = "trainer_state.pt"
 
 
 def rng_state() -> dict:
-    import numpy as np
-
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
@@ -36,8 +37,6 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    import numpy as np
-
     torch.set_rng_state(state["torch"])
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
     kind, keys, pos, has_gauss, gauss = state["numpy"]
@@ -61,11 +60,19 @@ def save_checkpoint(
         **position,
     }
     torch.save(state, tmp / STATE_FILE)
+    return publish_dir(tmp, target)
+
+
+def load_checkpoint(directory: Path) -> tuple[dict, Path]:
+    """(trainer state, the model directory) of a checkpoint; nothing beyond tensors and plain values
+    is unpickled (`weights_only=True`)."""
+    directory = Path(directory)
+    return torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True), directory / "model"
+
+
+def publish_dir(tmp: Path, target: Path) -> Path:
+    """Move a fully written directory `tmp` to `target`, replacing an older one."""
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)
     return target
-
-
-def load_trainer_state(directory: Path) -> dict:
-    return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)

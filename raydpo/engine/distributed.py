@@ -7,8 +7,15 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
+import ray.train.torch
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from raydpo.config import ScalingConfig
 
@@ -41,8 +48,6 @@ def _decoder_layers(model) -> list[torch.nn.Module]:
 
 
 def _fsdp(model, scaling: ScalingConfig, device: torch.device):
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     bf16 = use_bf16(scaling, device)
     mp = (
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -57,9 +62,7 @@ def _fsdp(model, scaling: ScalingConfig, device: torch.device):
 
 
 def prepare(policy, reference, scaling: ScalingConfig):
-    """Move models to this worker's device and wrap the policy (DDP or FSDP2)."""
-    import ray.train.torch
-
+    """Move models to this Ray Train worker's device and wrap the policy (DDP or FSDP2)."""
     device = ray.train.torch.get_device()
     if scaling.strategy == "fsdp" and _initialized():
         policy = _fsdp(policy, scaling, device)
@@ -96,8 +99,6 @@ def mean_across_workers(metrics: dict) -> dict[str, float]:
 
 
 def _is_fsdp(model) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
     return isinstance(model, FSDPModule)
 
 
@@ -109,8 +110,6 @@ def full_states(policy, opt) -> tuple[dict | None, dict]:
     """
     if not _is_fsdp(policy):
         return None, opt.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state, optim_state = get_state_dict(policy, opt, options=opts)
     return model_state, optim_state
@@ -120,8 +119,6 @@ def load_optimizer_state(policy, opt, state: dict) -> None:
     if not _is_fsdp(policy):
         opt.load_state_dict(state)
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
     set_optimizer_state_dict(
         policy, opt, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
     )

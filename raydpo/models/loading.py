@@ -1,22 +1,26 @@
-"""Loading policy / reference / tokenizer (Hugging Face), LoRA, and sequence log-probs."""
+"""Loading policy, reference, reward model and tokenizer (Hugging Face), and LoRA adapters.
+
+`builtin:*` names are tiny random-init models materialized on first use (models/tiny.py), so every
+command runs offline. Remote model code runs only with `model.trust_remote_code: true`.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from raydpo.config import ModelConfig
 from raydpo.errors import ConfigError
+from raydpo.models.tiny import BUILTIN_MODELS, builtin_model_dir
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_model_path(name: str) -> str:
     """`builtin:*` → its materialized local directory; a local path must exist; else a hub name."""
-    from raydpo.tiny import BUILTIN_MODELS, builtin_model_dir
-
     if name.startswith("builtin:"):
         if name not in BUILTIN_MODELS:
             raise ConfigError(f"model: unknown builtin model {name!r}; allowed: {', '.join(BUILTIN_MODELS)}")
@@ -28,8 +32,6 @@ def resolve_model_path(name: str) -> str:
 
 
 def load_tokenizer(cfg: ModelConfig):
-    from transformers import AutoTokenizer
-
     path = resolve_model_path(cfg.tokenizer or cfg.policy)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
@@ -41,8 +43,6 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def _load_causal_lm(name: str, cfg: ModelConfig):
-    from transformers import AutoModelForCausalLM
-
     path = resolve_model_path(name)
     kwargs = {"dtype": _DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:
@@ -71,12 +71,8 @@ def load_policy(cfg: ModelConfig, checkpoint: str | Path | None = None):
         return _load_causal_lm(str(checkpoint), cfg)
     model = _load_causal_lm(cfg.policy, cfg)
     if checkpoint is not None:
-        from peft import PeftModel
-
         return PeftModel.from_pretrained(model, str(checkpoint), is_trainable=True)
     if cfg.lora is not None:
-        from peft import LoraConfig, get_peft_model
-
         lcfg = LoraConfig(
             r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
             target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM",
@@ -88,8 +84,6 @@ def load_policy(cfg: ModelConfig, checkpoint: str | Path | None = None):
 def load_reward_model(cfg: ModelConfig, checkpoint: str | Path | None = None):
     """A scalar-head sequence classifier on the policy architecture (method=reward_model): the policy's
     weights with a new head (seeded by the caller), or a saved reward model directory."""
-    from transformers import AutoModelForSequenceClassification
-
     path = str(checkpoint) if checkpoint is not None else resolve_model_path(cfg.policy)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -111,31 +105,3 @@ def load_reference(cfg: ModelConfig):
     model = _load_causal_lm(cfg.reference or cfg.policy, cfg)
     model.eval().requires_grad_(False)
     return model
-
-
-class SequenceLogps(NamedTuple):
-    """Per-sequence log-probs of the labelled tokens, each (N,)."""
-
-    sum: torch.Tensor  # Σ_t log π(y_t | x, y_<t) over response tokens
-    mean: torch.Tensor  # sum / n_tokens
-    n_tokens: torch.Tensor  # number of response tokens
-
-
-def sequence_logps(model, input_ids, attention_mask, labels) -> SequenceLogps:
-    """One forward pass; log-probs of the labelled tokens, summed and averaged per sequence.
-
-    input_ids, attention_mask, labels: (N, T); labels -100 where not scored. Logits at t score the
-    token at t+1. log π = logit[label] − logsumexp(logits), in float32, without building a
-    float32 copy of the whole log-softmax.
-    """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # (N, T, V)
-    logits = logits[:, :-1]  # (N, T-1, V)
-    targets = labels[:, 1:]  # (N, T-1)
-    mask = targets != -100
-    safe = targets.masked_fill(~mask, 0)
-    picked = torch.gather(logits, 2, safe.unsqueeze(-1)).squeeze(-1).float()  # (N, T-1)
-    lse = torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])  # (N, T-1), one row at a time
-    token_logps = (picked - lse) * mask
-    n = mask.sum(-1)
-    total = token_logps.sum(-1)
-    return SequenceLogps(total, total / n.clamp(min=1), n)

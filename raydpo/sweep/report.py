@@ -10,6 +10,8 @@ import csv
 import math
 from pathlib import Path
 
+from raydpo.tracking import RunLogger, close_stopped_children, tracking_uri
+
 
 def trial_rows(sweep, results) -> list[dict]:
     """One row per trial: its id, swept values, last metric value, steps done, status."""
@@ -118,8 +120,6 @@ def write_csv(rows: list[dict], path: Path) -> Path:
 
 def summarize(sweep, base_cfg, results, parent_run_id, root: Path, log=print) -> dict:
     """Table, CSV and plots under <sweep dir>/summary, logged to the parent run; printed table."""
-    from raydpo.tracking import RunLogger, close_stopped_children, tracking_uri
-
     rows = trial_rows(sweep, results)
     out = root / "summary"
     out.mkdir(parents=True, exist_ok=True)

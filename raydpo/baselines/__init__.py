@@ -1,1 +1,0 @@
-"""The RLHF side of the comparison: SFT, reward model, PPO and best-of-N baselines."""

@@ -1,0 +1,206 @@
+"""A whole training run on Ray, for any method: checks → data → TorchTrainer.fit → exported model.
+
+Everything that can be wrong with the input (config, model path, data source, chat template,
+Ray address, MLflow URI) is checked on the driver before Ray starts work, so it fails in seconds
+with one line. Without RAY_ADDRESS a local Ray is started on 127.0.0.1 (engine/session.py); with it,
+the run joins that cluster. The run directory `<train.output_dir>/<run_name>` is also Ray Train's
+storage for this run: starting the same run name again resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import ray.train
+from ray.data import ExecutionOptions
+from ray.train.torch import TorchTrainer
+
+from raydpo.config import RunConfig, dump_config
+from raydpo.data.pipeline import preflight as data_preflight
+from raydpo.data.pipeline import prepare_dataset
+from raydpo.data.prompts import read_prompts
+from raydpo.data.tokenize import pad_token_id
+from raydpo.engine.checkpointing import publish_dir
+from raydpo.engine.method import Method
+from raydpo.engine.progress import Progress
+from raydpo.engine.session import start_ray
+from raydpo.engine.worker import train_loop_per_worker
+from raydpo.errors import UserError
+from raydpo.models.loading import load_tokenizer, resolve_model_path
+from raydpo.tracking import RunLogger, check_reachable, start_or_resume_run, tracking_uri
+
+REPORT_POLL_S = "0.2"  # seconds between Ray Train controller polls (see ray_train_configs)
+
+
+def preflight(cfg: RunConfig, check_data: bool = True):
+    """All input checks that need no Ray; returns the tokenizer."""
+    resolve_model_path(cfg.model.policy)
+    if cfg.model.reference:
+        resolve_model_path(cfg.model.reference)
+    tokenizer = load_tokenizer(cfg.model)
+    for source in filter(None, [cfg.data.source, cfg.data.eval_source] if check_data else []):
+        data_preflight(cfg, tokenizer, source)
+    if cfg.tracking.enabled:
+        check_reachable(tracking_uri(cfg.tracking))
+    return tokenizer
+
+
+def build_datasets(cfg: RunConfig, log, texts: bool = False):
+    """(train Dataset, eval Dataset or None, quarantine reports): validated, tokenized, materialized.
+    `texts`: the source holds SFT texts rather than preference pairs."""
+    qpath = Path(cfg.data.quarantine_path or cfg.run_dir / "quarantine.jsonl")
+    train, report = prepare_dataset(cfg, cfg.data.source, qpath, cfg.data.tokenize_workers, texts=texts)
+    log(report.summary())
+    reports = [report]
+    evalset = None
+    if cfg.data.eval_source:
+        evalset, er = prepare_dataset(cfg, cfg.data.eval_source, qpath.with_name("quarantine.eval.jsonl"),
+                                      texts=texts)  # fmt: skip
+        reports.append(er)
+    elif cfg.data.eval_fraction > 0:
+        train, evalset = train.train_test_split(
+            test_size=cfg.data.eval_fraction, shuffle=True, seed=cfg.train.seed
+        )
+    return train.materialize(), (evalset.materialize() if evalset is not None else None), reports
+
+
+def steps_per_epoch(cfg: RunConfig, method: Method, n_rows: int) -> int:
+    """Steps in one pass over `n_rows` with every worker's batch (prompts: with replacement, at least 1)."""
+    per_worker = cfg.ppo.rollout_batch_size if method.data == "prompts" else cfg.train.batch_size
+    global_batch = per_worker * cfg.scaling.num_workers
+    per_epoch = n_rows // global_batch
+    if per_epoch == 0 and method.data != "prompts":
+        raise UserError(
+            f"{n_rows} training rows do not fill one global batch of {global_batch} "
+            f"(train.batch_size={cfg.train.batch_size} × scaling.num_workers={cfg.scaling.num_workers})"
+        )
+    return max(per_epoch, 1)
+
+
+def export_final(checkpoint_dir: Path, tokenizer, target: Path) -> Path:
+    """Copy the last checkpoint's model (plus tokenizer) to `target`, atomically."""
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(checkpoint_dir / "model", tmp)
+    tokenizer.save_pretrained(tmp)
+    return publish_dir(tmp, target)
+
+
+def run(
+    cfg: RunConfig, method: Method, log=print, *, prepared=None, kind: str | None = None,
+    parent_run_id: str | None = None, tags: dict[str, str] | None = None, callbacks: list | None = None,
+    stream=sys.stderr,
+) -> dict:  # fmt: skip
+    """Train `cfg` with `method` on Ray Train and export the final model to <run_dir>/final.
+
+    A sweep trial passes `prepared` (datasets tokenized once for the whole sweep), its kind, the
+    sweep's parent MLflow run, its swept values as tags, and Tune's report callback.
+    Returns {run_dir, final_model, history, mlflow_run_id, total_steps}.
+    """
+    if method.check:
+        method.check(cfg)
+    prompts_only = method.data == "prompts"
+    tokenizer = preflight(cfg, check_data=not prompts_only)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, cfg.run_dir / "config.yaml")
+    start_ray(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1)
+    loop_config: dict = {
+        "method": method,
+        "pad_id": pad_token_id(tokenizer),
+        "paired": method.objective(cfg).paired,
+    }
+    if prompts_only:
+        d = cfg.data
+        prompts = read_prompts(d.source, d.columns.prompt, fmt=d.format, split=d.split, max_rows=d.max_rows,
+                               max_bad_fraction=d.max_bad_fraction)  # fmt: skip
+        datasets, reports, n_rows = {}, [], len(prompts)
+        loop_config.update(prompts=prompts, has_eval=False)
+    else:
+        train, evalset, reports = prepared or build_datasets(cfg, log, texts=method.data == "texts")
+        datasets = {"train": train, **({"eval": evalset} if evalset is not None else {})}
+        n_rows = train.count()
+        loop_config["has_eval"] = evalset is not None
+    per_epoch = steps_per_epoch(cfg, method, n_rows)
+    steps = cfg.train.max_steps or per_epoch * cfg.train.epochs
+    uri = tracking_uri(cfg.tracking)
+    run_id = start_or_resume_run(
+        cfg, method, kind=kind or method.kind, parent_run_id=parent_run_id, tags=tags
+    )
+    driver_log = RunLogger(uri, run_id)
+    driver_log.log_artifact(cfg.run_dir / "config.yaml")
+    for r in reports:
+        driver_log.log_artifact(r.path, "quarantine") if r.path else None
+    if reports:
+        _write_report(cfg, reports, driver_log)
+    where = f", MLflow run {run_id}" if run_id else ""
+    what = f"loss {'+'.join(cfg.loss.names)}" if method.kind == "train" else f"method {cfg.method}"
+    unit = {"pairs": "pairs", "texts": "texts", "prompts": "prompts"}[method.data]
+    log(f"training {cfg.run_name}: {n_rows} {unit}, {steps} steps, "
+        f"{cfg.scaling.num_workers} worker(s), {what}{where}")  # fmt: skip
+    loop_config.update(run_config=cfg.model_dump(mode="json"), total_steps=steps, steps_per_epoch=per_epoch,
+                       tracking_uri=uri, mlflow_run_id=run_id)  # fmt: skip
+    try:
+        with Progress(steps, method.progress, stream) as progress:
+            loop_config["progress"] = progress.queue
+            result = fit(cfg, loop_config, datasets, callbacks)
+    except BaseException:
+        driver_log.finish("FAILED")
+        raise
+    final = export_final(Path(result.checkpoint.path), tokenizer, cfg.run_dir / "final")
+    driver_log.log_artifact(cfg.run_dir / "final" / "config.json", "final_model")
+    driver_log.finish()
+    log(f"final model: {final}")
+    return {"run_dir": str(cfg.run_dir), "final_model": str(final), "history": progress.history,
+            "mlflow_run_id": run_id, "total_steps": steps}  # fmt: skip
+
+
+def _write_report(cfg: RunConfig, reports, driver_log) -> None:
+    path = cfg.run_dir / "data_report.json"
+    path.write_text(
+        json.dumps([{**r.to_dict(), "path": str(r.path) if r.path else None} for r in reports], indent=1)
+    )
+    driver_log.log_artifact(path)
+
+
+def ray_train_configs(cfg: RunConfig, callbacks=None):
+    """Ray Train's ScalingConfig and RunConfig for this run."""
+    # A worker's ray.train.report blocks until the Train controller collects it, which it does once
+    # per health-check poll (2 s by default): with reports every few steps that wait dominated small
+    # runs. Ray propagates this variable from the process that builds the trainer to the controller.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_S)
+    scaling = ray.train.ScalingConfig(
+        num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+        resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker},
+    )  # fmt: skip
+    run_config = ray.train.RunConfig(
+        name=cfg.run_name, storage_path=str(Path(cfg.train.output_dir).resolve()),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
+        failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures), callbacks=callbacks,
+    )  # fmt: skip
+    return scaling, run_config
+
+
+def fit(cfg: RunConfig, loop_config: dict, datasets: dict, callbacks=None):
+    """TorchTrainer.fit(), with a training failure reduced to its root cause's last line."""
+    scaling, run_config = ray_train_configs(cfg, callbacks)
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config,
+        datasets=datasets,
+        # Not split: every worker streams all pairs in the same order and keeps its slice (worker.py).
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
+        ),
+    )  # fmt: skip
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise RuntimeError(f"training failed: {_root_cause(e)}") from e
+
+
+def _root_cause(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[-1] if text else type(e).__name__

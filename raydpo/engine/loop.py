@@ -1,0 +1,217 @@
+"""The one training loop: every method, on a Ray Train worker or in a single process.
+
+Its shape is torchtune's recipe shape: `setup` (models, optimizer, resumed state), `train` (the steps),
+`save_checkpoint`, `cleanup`. What differs between Ray and one process comes in a `WorkerContext`
+(engine/worker.py builds it from Ray Train, engine/local.py without Ray); what differs between
+methods comes in a `Method` (engine/method.py, registry in raydpo/methods).
+
+Assumptions:
+- Every worker holds the whole model (DDP) or its shard (FSDP2) and sees different batches of the
+  same global batch; metrics are averaged over workers with one all-reduce per update.
+- A step is one batch: one optimizer update, or, with a rollout phase, one update per minibatch the
+  rollout returns. The learning-rate schedule advances once per step.
+- A non-finite loss stops the run before the update that would use it, so no checkpoint holds
+  non-finite weights.
+- Metrics reach MLflow only for steps a committed checkpoint covers (when checkpointing), so a run
+  resumed after a failure logs every step exactly once.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from raydpo.config import RunConfig
+from raydpo.engine import distributed as dist_utils
+from raydpo.engine.checkpointing import load_checkpoint, save_checkpoint, set_rng_state
+from raydpo.engine.method import Method
+from raydpo.engine.optim import build_optimizer, build_scheduler, optimizer_step, seed_everything
+from raydpo.engine.step import train_step
+from raydpo.models.loading import load_reference
+from raydpo.tracking import RunLogger
+
+
+@dataclass
+class WorkerContext:
+    """What differs between a Ray Train worker and a single process."""
+
+    rank: int
+    world: int
+    prepare: Callable  # (policy, reference) -> (policy, reference, device): DDP/FSDP2 wrap, or .to(device)
+    sources: Callable  # (device) -> (train BatchSource, eval BatchSource or None)
+    report: Callable  # (metrics row, checkpoint writer or None) -> None: ray.train.report, or local
+    checkpoint: Path | None = None  # checkpoint directory to resume from
+    logger: RunLogger | None = None  # rank 0's MLflow run
+    progress: Callable[[dict], None] | None = None  # rank 0's live progress lines
+    models: tuple | None = None  # (policy, reference) already loaded (single-process tests), else loaded here
+
+
+class Trainer:
+    def __init__(
+        self, cfg: RunConfig, method: Method, ctx: WorkerContext, total_steps: int, run_id: str | None
+    ):
+        self.cfg, self.method, self.ctx, self.total, self.run_id = cfg, method, ctx, total_steps, run_id
+        self.rank, self.world = ctx.rank, ctx.world
+        self.pending: list[tuple[int, dict]] = []  # step metrics waiting for a checkpoint to cover them
+        self.last_eval: dict[str, float] = {}
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------------------------- setup
+    def setup(self) -> dict:
+        """Models, optimizer, schedule and rollout, restored from the context's checkpoint if any.
+        Returns the data position to start from."""
+        cfg, method = self.cfg, self.method
+        seed_everything(cfg.train.seed)
+        state, model_dir = load_checkpoint(self.ctx.checkpoint) if self.ctx.checkpoint else (None, None)
+        if self.ctx.models is not None:
+            policy, reference = self.ctx.models
+        else:
+            policy = method.load_model(cfg, model_dir)
+            reference = load_reference(cfg.model) if method.uses_reference(cfg) else None
+        self.policy, self.reference, self.device = self.ctx.prepare(policy, reference)
+        self.opt = build_optimizer(self.policy.parameters(), cfg.optim)
+        self.sched = build_scheduler(self.opt, cfg.optim, self.total)
+        self.objective = method.objective(cfg)
+        self.rollout = (
+            method.rollout(cfg, self.policy, self.reference, self.device, self.rank, self.world)
+            if method.rollout else None
+        )  # fmt: skip
+        self.train_source, self.eval_source = self.ctx.sources(self.device)
+        self.autocast = dist_utils.autocast(cfg.scaling, self.device)
+        pos = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
+        if state is not None:
+            dist_utils.load_optimizer_state(self.policy, self.opt, state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+            set_rng_state(state["rng"])
+            if self.rollout is not None:
+                self.rollout.load_state_dict(state["method"])
+            pos = {k: state[k] for k in pos}
+        return pos
+
+    # ------------------------------------------------------------------------------------- train
+    def train(self, pos: dict) -> list[dict]:
+        cfg = self.cfg
+        if (
+            self.eval_source is not None and cfg.train.eval_every
+        ):  # a baseline, and a value for Tune from step 1
+            self.last_eval = self.evaluate()
+            if pos["step"] == 0:
+                self.pending.append((0, dict(self.last_eval)))
+        self.policy.train()
+        while pos["step"] < self.total:
+            skip = pos["batch_in_epoch"]  # resume mid-epoch: skip the batches already trained on
+            t0, tokens = time.perf_counter(), 0
+            for k, batch in enumerate(self.train_source.epoch(pos["epoch"], cfg.train.shuffle)):
+                if k < skip:
+                    continue
+                if isinstance(batch, dict):
+                    tokens += int(batch["attention_mask"].sum())
+                metrics = self.step(batch, pos["step"] + 1)
+                pos = {"step": pos["step"] + 1, "epoch": pos["epoch"], "batch_in_epoch": k + 1}
+                self.after_step(pos, metrics, time.perf_counter() - t0, tokens)
+                t0, tokens = time.perf_counter(), 0
+                if pos["step"] >= self.total:
+                    break
+            else:
+                pos = {"step": pos["step"], "epoch": pos["epoch"] + 1, "batch_in_epoch": 0}
+        return self.history
+
+    def step(self, batch, step: int) -> dict[str, float]:
+        """One training step: [rollout →] forward/backward → all-reduce of metrics → update(s)."""
+        updates, extra = self.rollout(batch, step) if self.rollout else ([batch], {})
+        accum = 1 if self.rollout else self.cfg.train.grad_accum_steps
+        sync = dist_utils.no_sync_factory(self.policy)
+        totals: dict[str, float] = {}
+        for mb in updates:
+            with self.autocast:
+                m = train_step(self.policy, self.reference, mb, self.objective, accum, sync)
+            m = dist_utils.mean_across_workers(m)  # one all-reduce + one host sync per update
+            if not math.isfinite(m["loss"]):
+                raise FloatingPointError(
+                    f"non-finite loss ({m['loss']}) at step {step}; stopping before the update"
+                )
+            m["grad_norm"] = float(optimizer_step(self.policy, self.opt, self.cfg.optim.max_grad_norm))
+            for k, v in m.items():
+                totals[k] = totals.get(k, 0.0) + v / len(updates)
+        totals["learning_rate"] = self.opt.param_groups[0]["lr"]
+        self.sched.step()
+        if self.rollout:
+            totals.update(dist_utils.mean_across_workers(extra))
+            self.rollout.update(totals, self.world)
+        return totals
+
+    def after_step(self, pos: dict, metrics: dict, seconds: float, tokens: int) -> None:
+        step, cfg = pos["step"], self.cfg
+        per_step = cfg.ppo.rollout_batch_size if self.rollout else cfg.train.batch_size
+        metrics["pairs_per_second"] = per_step * self.world / max(seconds, 1e-9)
+        if tokens:
+            metrics["tokens_per_second"] = tokens * self.world / max(seconds, 1e-9)
+        evaluated = bool(
+            cfg.train.eval_every and self.eval_source is not None and step % cfg.train.eval_every == 0
+        )
+        if evaluated:
+            self.last_eval = self.evaluate()
+            metrics.update(self.last_eval)
+        self.history.append({"step": step, **metrics})
+        row = {"step": step, **self.last_eval, **metrics}  # Tune sees the latest eval metrics every time
+        last = step == self.total
+        if step % cfg.train.log_every == 0 or last or evaluated:  # eval results are always logged
+            self.pending.append((step, metrics))
+            if self.ctx.progress is not None and self.rank == 0:
+                self.ctx.progress({"step": step, **metrics})
+        checkpointing = bool(cfg.train.checkpoint_every)
+        if (checkpointing and step % cfg.train.checkpoint_every == 0) or last:
+            self.ctx.report(row, lambda path: self.save_checkpoint(path, pos))
+            self.flush()
+        elif step % cfg.train.log_every == 0:
+            self.ctx.report(row, None)
+            if not checkpointing:
+                self.flush()
+
+    def flush(self) -> None:
+        """Send buffered step metrics to MLflow. With checkpoints, only steps a checkpoint covers are
+        sent, so a run resumed after a failure never logs the same step twice."""
+        if self.ctx.logger:
+            for step, m in self.pending:
+                self.ctx.logger.log_metrics(m, step)
+        self.pending = []
+
+    # ------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, path: Path, pos: dict) -> Path | None:
+        """Write a checkpoint into `path` on rank 0 (gathering full states is a collective: all ranks)."""
+        model_state, optim_state = dist_utils.full_states(self.policy, self.opt)
+        if self.rank != 0:
+            return None
+        position = {**pos, "mlflow_run_id": self.run_id or "",
+                    "method": self.rollout.state_dict() if self.rollout else {}}  # fmt: skip
+        return save_checkpoint(
+            path, dist_utils.unwrap(self.policy), model_state, optim_state, self.sched, position
+        )
+
+    # -------------------------------------------------------------------------------------- eval
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """The objective's metrics averaged over the eval split, as eval/<name>."""
+        self.policy.eval()
+        sums: dict[str, torch.Tensor] = {}
+        n = 0
+        for batch in self.eval_source.epoch(0, shuffle=False):
+            with self.autocast:
+                _, m = self.objective(self.policy, self.reference, batch)
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0) + v
+            n += 1
+        self.policy.train()
+        if n == 0:
+            return {}
+        means = dist_utils.mean_across_workers({k: v / n for k, v in sums.items()})
+        return {f"eval/{k}": v for k, v in means.items()}
+
+    def cleanup(self) -> None:
+        if self.ctx.logger:
+            self.ctx.logger.finish()

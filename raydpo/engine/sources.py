@@ -1,0 +1,65 @@
+"""Where a worker's batches come from, per epoch: the same interface for Ray shards and plain lists.
+
+A source's `epoch(e, shuffle)` yields this worker's full batches of epoch `e` in a seeded order, so a
+resumed run can skip the batches it already trained on. Pairs and texts come as collated tensors
+(`data.tokenize.collate`); prompts (on-policy methods) as lists of strings.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Protocol
+
+import torch
+
+from raydpo.data.tokenize import TokenizedPair, collate
+
+
+class BatchSource(Protocol):
+    def epoch(self, epoch: int, shuffle: bool = True) -> Iterator: ...
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 1_000_003 + epoch
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+class ListSource:
+    """Tokenized pairs held in this process (the single-process path): a seeded permutation per epoch,
+    the last incomplete batch dropped (every step sees `batch_size` pairs)."""
+
+    def __init__(
+        self, pairs: list[TokenizedPair], batch_size: int, seed: int, pad_id: int, paired: bool, device
+    ):
+        self.pairs, self.batch_size, self.seed, self.pad_id = pairs, batch_size, seed, pad_id
+        self.paired, self.device = paired, device
+
+    def epoch(self, epoch: int, shuffle: bool = True) -> Iterator[dict]:
+        order = list(range(len(self.pairs)))
+        if shuffle:
+            g = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
+            order = torch.randperm(len(self.pairs), generator=g).tolist()
+        for i in range(0, len(order) - self.batch_size + 1, self.batch_size):
+            group = [self.pairs[j] for j in order[i : i + self.batch_size]]
+            yield to_device(collate(group, self.pad_id, chosen_only=not self.paired), self.device)
+
+
+class PromptSource:
+    """Prompts for on-policy methods: each step draws `batch_size` prompts with replacement, seeded by
+    (seed, global step, rank), so workers see different prompts and a resumed run draws the same ones."""
+
+    def __init__(
+        self, prompts: list[str], batch_size: int, steps_per_epoch: int, seed: int, rank: int, world: int
+    ):
+        self.prompts, self.batch_size, self.per_epoch = prompts, batch_size, steps_per_epoch
+        self.seed, self.rank, self.world = seed, rank, world
+
+    def epoch(self, epoch: int, shuffle: bool = True) -> Iterator[list[str]]:
+        for k in range(self.per_epoch):
+            it = epoch * self.per_epoch + k
+            rng = random.Random(epoch_seed(self.seed, it * self.world + self.rank))
+            yield [self.prompts[rng.randrange(len(self.prompts))] for _ in range(self.batch_size)]

@@ -1,0 +1,54 @@
+"""One forward/backward over a batch, with gradient accumulation: a pure function of models and tensors.
+
+`train_step` knows nothing of the method: the `Objective` maps (model, reference, micro-batch) to a
+loss and metrics. Micro-batch losses are scaled by 1/accum_steps, so the summed gradient equals that
+of the whole batch's mean loss. No Ray, no I/O.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from raydpo.engine.method import Metrics, Objective
+
+
+def split_batch(batch: dict, parts: int, paired: bool = True) -> list[dict]:
+    """Split a collated batch of B pairs (2B rows) or B single rows into `parts` micro-batches."""
+    if parts == 1:
+        return [batch]
+    b = batch["input_ids"].shape[0] // (2 if paired else 1)
+    size = b // parts
+    out = []
+    for k in range(parts):
+        sel = torch.arange(k * size, (k + 1) * size)
+        if paired:  # chosen rows k·size… and their rejected rows b + k·size…
+            sel = torch.cat([sel, torch.arange(b + k * size, b + (k + 1) * size)])
+        out.append(_trim({key: v[sel] for key, v in batch.items()}))
+    return out
+
+
+def _trim(mb: dict) -> dict:
+    """Drop padding columns that no row of a micro-batch uses."""
+    width = int(mb["attention_mask"].sum(-1).max())  # host sync, once per micro-batch
+    return {k: (v[:, :width] if v.dim() == 2 else v) for k, v in mb.items()}
+
+
+def train_step(
+    policy, reference, batch: dict, objective: Objective, accum_steps: int = 1, sync=None
+) -> Metrics:
+    """Forward + backward over `accum_steps` micro-batches; gradients accumulate in the policy.
+
+    `sync(is_last)` returns a context manager (DDP's no_sync on all but the last micro-batch); None
+    means no gradient synchronization to manage. Returns the metrics averaged over micro-batches.
+    """
+    totals: Metrics = {}
+    micro = split_batch(batch, accum_steps, objective.paired)
+    for i, mb in enumerate(micro):
+        with sync(i == len(micro) - 1) if sync else nullcontext():
+            loss, metrics = objective(policy, reference, mb)
+            (loss / len(micro)).backward()
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0) + v / len(micro)
+    return totals

@@ -1,0 +1,108 @@
+"""The Ray Train side of a worker: build a `WorkerContext` from Ray Train and run the one loop.
+
+Data: every worker streams the whole training Dataset in the same seeded order and keeps its own
+slice of each global batch (rows rank·B … rank·B+B of B·W). Each optimizer step therefore sees the
+same B·W pairs whatever W is: 2 workers × batch 4 follow the curve of 1 worker × batch 8.
+Ray Train touchpoints: get_context, get_dataset_shard, get_checkpoint, report.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+
+import ray.train
+
+from raydpo.config import RunConfig
+from raydpo.data.tokenize import TokenizedPair, collate
+from raydpo.engine import distributed as dist_utils
+from raydpo.engine.loop import Trainer, WorkerContext
+from raydpo.engine.sources import PromptSource, epoch_seed, to_device
+from raydpo.tracking import RunLogger
+
+SHUFFLE_BUFFER = 20_000  # pairs held for the seeded per-epoch shuffle
+
+
+def make_collate(rank: int, per_worker: int, pad_id: int, paired: bool):
+    """collate_fn for iter_torch_batches: this rank's slice of a global batch → padded tensors."""
+
+    def fn(batch: dict) -> dict:
+        lo, hi = rank * per_worker, (rank + 1) * per_worker
+        pairs = [
+            TokenizedPair(list(p), list(c), list(r))
+            for p, c, r in zip(
+                batch["prompt_ids"][lo:hi], batch["chosen_ids"][lo:hi], batch["rejected_ids"][lo:hi]
+            )
+        ]
+        return collate(pairs, pad_id, chosen_only=not paired)
+
+    return fn
+
+
+class ShardSource:
+    """A Ray Data shard: this worker's slice of every global batch, in a seeded per-epoch order."""
+
+    def __init__(
+        self, shard, batch_size: int, seed: int, rank: int, world: int, pad_id: int, paired: bool, device
+    ):
+        self.shard, self.batch_size, self.seed, self.world, self.device = (
+            shard,
+            batch_size,
+            seed,
+            world,
+            device,
+        )
+        self.collate = make_collate(rank, batch_size, pad_id, paired)
+
+    def epoch(self, epoch: int, shuffle: bool = True):
+        it = self.shard.iter_torch_batches(
+            batch_size=self.batch_size * self.world, drop_last=True, device="cpu", collate_fn=self.collate,
+            local_shuffle_buffer_size=SHUFFLE_BUFFER if shuffle else None,
+            local_shuffle_seed=epoch_seed(self.seed, epoch) if shuffle else None,
+        )  # fmt: skip
+        for batch in it:
+            yield to_device(batch, self.device)
+
+
+def report(metrics: dict, ckpt_fn=None) -> None:
+    """ray.train.report on every worker; with `ckpt_fn(dir) -> path | None` (None on ranks that write
+    nothing) the checkpoint is written into a temp dir that Ray copies to the run's storage."""
+    if ckpt_fn is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = ckpt_fn(Path(tmp) / "checkpoint")
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)) if path else None)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train's entry point: config holds the run config, the Method record and the driver's handles."""
+    cfg, method = RunConfig.model_validate(config["run_config"]), config["method"]
+    rtx = ray.train.get_context()
+    rank, world = rtx.get_world_rank(), rtx.get_world_size()
+
+    def sources(device):
+        if method.data == "prompts":
+            return PromptSource(config["prompts"], cfg.ppo.rollout_batch_size, config["steps_per_epoch"],
+                                cfg.train.seed, rank, world), None  # fmt: skip
+        paired = config["paired"]
+        t = cfg.train
+        make = lambda name: ShardSource(ray.train.get_dataset_shard(name), t.batch_size, t.seed, rank, world,
+                                        config["pad_id"], paired, device)  # fmt: skip
+        return make("train"), (make("eval") if config["has_eval"] else None)
+
+    queue = config.get("progress")
+    ctx = WorkerContext(
+        rank=rank, world=world, prepare=lambda p, r: dist_utils.prepare(p, r, cfg.scaling), sources=sources,
+        report=report,
+        logger=RunLogger(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else None,
+        progress=queue.put_nowait if queue is not None and rank == 0 else None,
+    )  # fmt: skip
+    trainer = Trainer(cfg, method, ctx, config["total_steps"], config["mlflow_run_id"])
+    ckpt = ray.train.get_checkpoint()
+    with ckpt.as_directory() if ckpt else nullcontext() as d:  # a remote checkpoint is downloaded here
+        ctx.checkpoint = Path(d) if d else None
+        pos = trainer.setup()
+    trainer.train(pos)
+    trainer.cleanup()

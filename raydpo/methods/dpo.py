@@ -1,0 +1,94 @@
+"""The DPO family: one method whose objective is any combination of `raydpo.losses` (sigmoid, IPO,
+hinge, …) on summed or averaged sequence log-probs.
+
+A batch is `data.tokenize.collate`'s 2B rows: the B chosen sequences first, then the B rejected
+ones, so policy and reference each need one forward pass per step. Metric names follow TRL's; as in
+TRL, `rewards/*` and `logps/*` use the *summed* log-probs whatever reduction the loss itself uses
+(IPO and SimPO average per token).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from raydpo.config import LossConfig, RunConfig
+from raydpo.engine.method import Method, Metrics, Objective
+from raydpo.losses import LOSSES, combined_loss
+from raydpo.ops.logprobs import SequenceLogps, sequence_logps
+
+METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+           "logps/chosen", "logps/rejected")  # fmt: skip
+
+
+def _pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    b = x.shape[0] // 2
+    return x[:b], x[b:]  # chosen (B,), rejected (B,)
+
+
+def reference_logps(reference, policy, batch: dict) -> torch.Tensor | None:
+    """Summed reference log-probs (2B,): from the reference model, or the policy's LoRA base."""
+    args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+    if reference is not None:
+        with torch.no_grad():
+            return sequence_logps(reference, *args).sum
+    if hasattr(policy, "disable_adapter"):  # peft: the base model with adapters off is the reference
+        with torch.no_grad(), policy.disable_adapter():
+            return sequence_logps(policy, *args).sum
+    return None
+
+
+def needs_reference(loss_cfg: LossConfig) -> bool:
+    return not all(getattr(LOSSES[n], "reference_free", False) for n in loss_cfg.names)
+
+
+def compute_loss(policy, reference, batch: dict, loss_cfg: LossConfig) -> tuple[torch.Tensor, Metrics]:
+    """Scalar loss (mean over pairs) and detached per-batch metrics (0-d tensors; no host sync)."""
+    pol: SequenceLogps = sequence_logps(policy, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    ref_sum = reference_logps(reference, policy, batch) if needs_reference(loss_cfg) else None
+    policy_logps = {"sum": _pairs(pol.sum), "mean": _pairs(pol.mean)}
+    ref_logps = None
+    if ref_sum is not None:
+        ref_sum = ref_sum.to(pol.sum.dtype)
+        ref_logps = {"sum": _pairs(ref_sum), "mean": _pairs(ref_sum / pol.n_tokens.clamp(min=1))}
+    out = combined_loss(
+        loss_cfg.names, loss_cfg.weights, beta=loss_cfg.beta, params=loss_cfg.params,
+        policy_logps=policy_logps, ref_logps=ref_logps, reduction=loss_cfg.reduction,
+    )  # fmt: skip
+    loss = out.losses.mean()
+    if loss_cfg.sft_weight > 0:  # RPO-style NLL on the chosen response, per token
+        loss = loss + loss_cfg.sft_weight * (-policy_logps["mean"][0]).mean()
+    return loss, _metrics(loss, pol, ref_sum, out, loss_cfg.beta)
+
+
+def _metrics(loss, pol: SequenceLogps, ref_sum, out, beta: float) -> Metrics:
+    chosen, rejected = _pairs(pol.sum.detach())
+    if ref_sum is not None:  # TRL's convention: rewards from summed log-ratios
+        ref_c, ref_r = _pairs(ref_sum)
+        r_c, r_r = beta * (chosen - ref_c), beta * (rejected - ref_r)
+    else:  # reference-free losses report their own rewards
+        r_c, r_r = out.chosen_rewards, out.rejected_rewards
+    return {
+        "loss": loss.detach(),
+        "rewards/chosen": r_c.mean(),
+        "rewards/rejected": r_r.mean(),
+        "rewards/accuracies": (r_c > r_r).float().mean(),
+        "rewards/margins": (r_c - r_r).mean(),
+        "logps/chosen": chosen.mean(),
+        "logps/rejected": rejected.mean(),
+    }
+
+
+def objective(cfg: RunConfig) -> Objective:
+    loss_cfg = cfg.loss
+    return Objective(lambda m, ref, b: compute_loss(m, ref, b, loss_cfg), paired=True)
+
+
+def _uses_reference(cfg: RunConfig) -> bool:
+    return needs_reference(cfg.loss)
+
+
+DPO = Method(
+    name="dpo", objective=objective, data="pairs", metrics=METRICS, eval_metrics=METRICS, kind="train",
+    params=("loss",), uses_reference=_uses_reference,
+    progress=(("loss", "loss"), ("acc", "rewards/accuracies"), ("margin", "rewards/margins")),
+)  # fmt: skip

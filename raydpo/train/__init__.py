@@ -1,1 +1,0 @@
-"""Training: the pure step, the single-process loop, and (later) Ray Train workers."""
