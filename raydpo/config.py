@@ -7,6 +7,7 @@ error names the field path, the bad value and what is allowed (`ConfigError`, ex
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -15,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from raydpo.errors import ConfigError
+from raydpo.losses import LOSSES, loss_params
 
 
 class _Strict(BaseModel):
@@ -89,8 +91,6 @@ class LossConfig(_Strict):
 
     @model_validator(mode="after")
     def _known_losses(self) -> LossConfig:
-        from raydpo.losses import LOSSES, loss_params
-
         for n in self.names:
             if n not in LOSSES:
                 raise ValueError(f"unknown loss {n!r}; allowed: {', '.join(sorted(LOSSES))}")
@@ -246,8 +246,6 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Set each `key.sub=value` in a nested dict (a copy); the model then validates the key."""
-    import copy
-
     out = copy.deepcopy(data)
     for text in overrides:
         path, value = parse_override(text)

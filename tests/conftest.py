@@ -1,8 +1,18 @@
 """Shared fixtures: tiny random-init models and tokenizers saved to temp dirs (no network)."""
 
+import json
 import os
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
+
+TESTS = str(Path(__file__).parent)
+# Ray worker processes import tests/faults.py (their setup hook); they inherit this environment.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [TESTS, os.environ.get("PYTHONPATH")]))
+sys.path.insert(0, TESTS)
+os.environ.setdefault("RAYDPO_TEST_FAULTS", str(Path(tempfile.mkdtemp(prefix="raydpo-faults-")) / "fault.json"))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray on 127.0.0.1 only (see cli.py)
@@ -45,12 +55,26 @@ def ray_local():
             include_dashboard=False,
             log_to_driver=False,
             logging_level="WARNING",
+            runtime_env={"worker_process_setup_hook": "faults.install"},
         )
     from raydpo.engine.session import quiet_ray
 
     quiet_ray()
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def inject_fault():
+    """inject_fault(at_step, marker): the first Ray Train worker to finish step `at_step` raises once
+    (tests/faults.py); the spec is removed after the test."""
+    path = Path(os.environ["RAYDPO_TEST_FAULTS"])
+
+    def arm(at_step: int, marker) -> None:
+        path.write_text(json.dumps({"at_step": at_step, "marker": str(marker)}))
+
+    yield arm
+    path.unlink(missing_ok=True)
 
 
 def deep_update(base: dict, over: dict) -> dict:

@@ -66,7 +66,7 @@ def test_two_workers_batch4_equal_one_worker_batch8(ray_local, run_cfg):
     assert len(diffs) == len(b.state_dict()) and max(diffs) < 1e-4
 
 
-def test_stopped_run_resumes_same_curve_same_mlflow_run(ray_local, run_cfg, tmp_path, monkeypatch):
+def test_stopped_run_resumes_same_curve_same_mlflow_run(ray_local, run_cfg, tmp_path, inject_fault):
     from mlflow.tracking import MlflowClient
 
     from raydpo.methods import train as run
@@ -75,8 +75,7 @@ def test_stopped_run_resumes_same_curve_same_mlflow_run(ray_local, run_cfg, tmp_
     full = run(run_cfg(run_name="full", tracking={"enabled": False}, **over), log=lambda *_: None)
 
     cfg = run_cfg(run_name="cut", **over)
-    monkeypatch.setenv("RAYDPO_FAULT_AT_STEP", "3")
-    monkeypatch.setenv("RAYDPO_FAULT_MARKER", str(tmp_path / "fault-fired"))
+    inject_fault(3, tmp_path / "fault-fired")
     with pytest.raises(RuntimeError, match="injected fault after step 3"):
         run(cfg, log=lambda *_: None)
     resumed = run(cfg, log=lambda *_: None)  # the same run name: continues from the step-2 checkpoint
@@ -90,15 +89,14 @@ def test_stopped_run_resumes_same_curve_same_mlflow_run(ray_local, run_cfg, tmp_
     assert sorted(steps) == [1, 2, 3, 4, 5, 6]
 
 
-def test_worker_failure_restarts_within_the_run(ray_local, run_cfg, tmp_path, monkeypatch):
+def test_worker_failure_restarts_within_the_run(ray_local, run_cfg, tmp_path, inject_fault):
     """max_failures=1: Ray restarts the workers from the latest checkpoint; one MLflow run.
     With LoRA: the checkpoint and the export are the adapter; the reference is the base model."""
     from mlflow.tracking import MlflowClient
 
     from raydpo.methods import train as run
 
-    monkeypatch.setenv("RAYDPO_FAULT_AT_STEP", "3")
-    monkeypatch.setenv("RAYDPO_FAULT_MARKER", str(tmp_path / "fired"))
+    inject_fault(3, tmp_path / "fired")
     cfg = run_cfg(
         run_name="restart",
         train={"checkpoint_every": 2},

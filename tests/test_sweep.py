@@ -120,14 +120,13 @@ def test_six_trial_sweep_nests_runs_in_mlflow(ray_local, tmp_path, tiny_llama_di
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_interrupted_sweep_resumes_without_duplicates(ray_local, tmp_path, tiny_llama_dir, monkeypatch):
+def test_interrupted_sweep_resumes_without_duplicates(ray_local, tmp_path, tiny_llama_dir, inject_fault):
     from raydpo.sweep import run_sweep
 
     path = write(
         tmp_path, {"search": {"loss.name": {"grid": ["sigmoid", "hinge"]}}}, _base(tmp_path, tiny_llama_dir)
     )
-    monkeypatch.setenv("RAYDPO_FAULT_AT_STEP", "3")
-    monkeypatch.setenv("RAYDPO_FAULT_MARKER", str(tmp_path / "fired"))
+    inject_fault(3, tmp_path / "fired")
     first = run_sweep(str(path), log=lambda *_: None)
     assert first["failed"] == 1  # one trial died after step 3 (its checkpoint is at step 2)
     client, _, children = _mlflow(tmp_path)
