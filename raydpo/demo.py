@@ -33,6 +33,7 @@ from raydpo.errors import UserError
 from raydpo.evaluate.report import fmt_interval as _iv
 from raydpo.evaluate.run import run_eval
 from raydpo.methods import train
+from raydpo.reporting import format_table
 from raydpo.sweep import run_sweep
 from raydpo.tasks.prepare import SIZES as TASK_SIZES
 from raydpo.tasks.prepare import prepare
@@ -196,9 +197,7 @@ def format_results(rows: list[dict]) -> str:
             "win vs PPO [95% CI]"]  # fmt: skip
     cells = [[r["method"], r["loss"] or "-", "-" if r["beta"] is None else f"{r['beta']:g}", _iv(r["reward"]),
               _iv(r["kl"]), _iv(r["win_vs_sft"]), _iv(r["win_vs_ppo"])] for r in rows]  # fmt: skip
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
-    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
-    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(c) for c in cells])
+    return format_table(head, cells, markdown=True)
 
 
 def envelope_at(points: list[tuple[float, float]], kl: float) -> float:

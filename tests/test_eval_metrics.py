@@ -1,4 +1,4 @@
-"""Tests for raydpo.evaluate.metrics: Wilson intervals by hand, coverage, bootstrap, KL, frontier.
+"""Tests for raydpo.evaluate.metrics: Wilson intervals by hand, coverage, mean intervals, KL.
 
 Hand-derived Wilson interval, 60 wins out of 100 at 95% (z = Φ⁻¹(0.975) = 1.959964, z² = 3.841459):
 
@@ -23,11 +23,9 @@ import pytest
 
 from raydpo.evaluate.metrics import (
     Interval,
-    frontier,
     kl_from_samples,
     mean_interval,
     outcomes_from_scores,
-    paired_bootstrap_win_rate,
     win_rate,
 )
 
@@ -113,45 +111,6 @@ def test_mean_interval_needs_two_values(values):
         mean_interval(values)
 
 
-def _scores(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Scores where A beats B about 60% of the time."""
-    rng = np.random.default_rng(seed)
-    return rng.normal(0.35, 1.0, n), rng.normal(0.0, 1.0, n)
-
-
-def test_bootstrap_deterministic_per_seed():
-    a, b = _scores(200, 0)
-    first = paired_bootstrap_win_rate(a, b, n_boot=500, seed=7)
-    assert first == paired_bootstrap_win_rate(a, b, n_boot=500, seed=7)
-    assert first != paired_bootstrap_win_rate(a, b, n_boot=500, seed=8)
-    assert first.estimate == np.mean(outcomes_from_scores(a, b)) and first.n == 200
-
-
-def test_bootstrap_contains_estimate_and_agrees_with_wilson():
-    a, b = _scores(400, 1)
-    boot = paired_bootstrap_win_rate(a, b, n_boot=2000, seed=0)
-    assert boot.low < boot.estimate < boot.high
-    wilson = win_rate(outcomes_from_scores(a, b))
-    assert boot.estimate == pytest.approx(wilson.estimate)
-    assert boot.low == pytest.approx(wilson.low, abs=0.02)
-    assert boot.high == pytest.approx(wilson.high, abs=0.02)
-
-
-def test_bootstrap_narrower_with_more_prompts():
-    small = paired_bootstrap_win_rate(*_scores(50, 2), seed=0)
-    large = paired_bootstrap_win_rate(*_scores(2000, 2), seed=0)
-    assert large.high - large.low < small.high - small.low
-
-
-def test_bootstrap_rejects_bad_input():
-    with pytest.raises(ValueError, match="n_boot"):
-        paired_bootstrap_win_rate([1.0], [0.0], n_boot=0)
-    with pytest.raises(ValueError, match="at least one prompt"):
-        paired_bootstrap_win_rate([], [])
-    with pytest.raises(ValueError, match="got 2 and 1"):
-        paired_bootstrap_win_rate([1.0, 2.0], [0.0])
-
-
 def test_kl_identical_logps_is_zero():
     logps = [-12.5, -3.0, -7.25]
     assert kl_from_samples(logps, logps) == Interval(0.0, 0.0, 0.0, 3)
@@ -165,21 +124,3 @@ def test_kl_is_mean_log_ratio():
     assert iv.low == pytest.approx(0.75 - half) and iv.high == pytest.approx(0.75 + half)
     with pytest.raises(ValueError, match="policy_logps and ref_logps"):
         kl_from_samples([-1.0, -2.0], [-1.0])
-
-
-def test_frontier_removes_dominated_points():
-    points = [
-        (1.0, 0.8),  # dominated by (0.5, 1.0): more KL, less reward
-        (3.0, 3.0),
-        (0.5, 1.0),
-        (2.0, 2.0),  # dominated by (1.0, 2.0): same reward at more KL
-        (0.1, 0.0),
-        (0.5, 0.2),  # dominated by (0.5, 1.0): same KL, less reward
-        (1.0, 2.0),
-        (1.0, 2.0),  # duplicate, kept once
-        (4.0, 2.5),  # dominated by (3.0, 3.0)
-    ]
-    assert frontier(points) == [(0.1, 0.0), (0.5, 1.0), (1.0, 2.0), (3.0, 3.0)]
-    assert frontier([]) == []
-    with pytest.raises(ValueError, match="finite"):
-        frontier([(float("nan"), 1.0)])

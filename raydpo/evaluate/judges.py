@@ -33,6 +33,7 @@ from raydpo.errors import ConfigError, UserError
 from raydpo.evaluate.metrics import outcomes_from_scores
 from raydpo.models.rewards import get_reward
 from raydpo.models.scoring import score_texts
+from raydpo.ops.logprobs import token_logps
 
 
 class Verdicts(NamedTuple):
@@ -192,9 +193,11 @@ class _LocalBackend:
         ids = torch.zeros((2, width), dtype=torch.long)  # right-padded; padding is after every scored token
         for i, c in enumerate(conts):
             ids[i, : len(ctx) + len(c)] = torch.tensor(ctx + c)
+        ids = ids.to(self.device)
         with torch.no_grad():
-            logps = self._model(input_ids=ids.to(self.device)).logits.float().log_softmax(-1)  # (2, T, V)
-        lp = [sum(logps[i, len(ctx) + j - 1, t].item() for j, t in enumerate(c)) for i, c in enumerate(conts)]
+            logits = self._model(input_ids=ids).logits  # (2, T, V)
+            logps = token_logps(logits[:, :-1], ids[:, 1:])  # (2, T-1): logps[i, t] = log p(ids[i, t+1])
+        lp = [sum(logps[i, len(ctx) + j - 1].item() for j in range(len(c))) for i, c in enumerate(conts)]
         return "A" if lp[0] > lp[1] else "B" if lp[1] > lp[0] else "tie"
 
 

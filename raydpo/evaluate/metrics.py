@@ -1,4 +1,4 @@
-"""The statistics of win-rate evaluation: intervals on win rates, means and KL, and the reward–KL frontier.
+"""The statistics of win-rate evaluation: intervals on win rates, mean rewards and KL to the reference.
 
 The DPO paper (Rafailov et al., 2023, arXiv 2305.18290) compares methods two ways:
 
@@ -114,41 +114,6 @@ def mean_interval(values: Sequence[float], confidence: float = 0.95) -> Interval
     return Interval(mean, mean - half, mean + half, len(x))
 
 
-def paired_bootstrap_win_rate(
-    a: Sequence[float],
-    b: Sequence[float],
-    n_boot: int = 1000,
-    seed: int = 0,
-    confidence: float = 0.95,
-    *,
-    tie_tol: float = 0.0,
-) -> Interval:
-    """Win rate of A over B, percentile bootstrap interval over prompts (Efron & Tibshirani 1993, ch. 13).
-
-    Paired: each resample draws n prompt indices with replacement and keeps both scores of a prompt
-    together, so per-prompt difficulty cancels. With w*_1..w*_B the resampled win rates,
-
-        [low, high] = [quantile(w*, α/2), quantile(w*, 1 − α/2)],   estimate = mean of the n outcomes.
-
-    Deterministic for a given seed (numpy PCG64 via `default_rng(seed)`).
-    """
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    x = np.asarray(outcomes_from_scores(a, b, tie_tol), dtype=np.float64)
-    n = len(x)
-    if n == 0:
-        raise ValueError("paired_bootstrap_win_rate needs at least one prompt, got none")
-    alpha = 1.0 - confidence
-    _z(confidence)  # validates confidence
-    rng = np.random.default_rng(seed)
-    rows = max(1, 2**22 // n)  # resample in chunks of ≤ ~4M indices to bound memory
-    boot = np.concatenate(
-        [x[rng.integers(0, n, size=(min(rows, n_boot - i), n))].mean(axis=1) for i in range(0, n_boot, rows)]
-    )  # (n_boot,)
-    low, high = np.quantile(boot, [alpha / 2, 1.0 - alpha / 2])
-    return Interval(float(x.mean()), float(low), float(high), n)
-
-
 def kl_from_samples(policy_logps: Sequence[float], ref_logps: Sequence[float]) -> Interval:
     """Sequence-level KL(π‖π_ref) from samples y_i ~ π(·|x_i), with a 95% normal interval.
 
@@ -162,21 +127,3 @@ def kl_from_samples(policy_logps: Sequence[float], ref_logps: Sequence[float]) -
     pi, ref = _finite_1d(policy_logps, "policy_logps"), _finite_1d(ref_logps, "ref_logps")
     _same_length(pi, ref, ("policy_logps", "ref_logps"))
     return mean_interval(pi - ref)
-
-
-def frontier(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The reward–KL frontier: the Pareto-optimal (kl, reward) points, sorted by kl ascending.
-
-    Lower KL and higher reward are better; q dominates p when q.kl ≤ p.kl and q.reward ≥ p.reward with one
-    of them strict. Sort by (kl ascending, reward descending) and keep each point whose reward beats every
-    reward seen so far: O(n log n). Exact duplicates are kept once. This is the curve on which the DPO paper
-    (Fig. 2, left) shows DPO above PPO: higher reward at every KL.
-    """
-    pts = [(float(k), float(r)) for k, r in points]
-    if any(not (math.isfinite(k) and math.isfinite(r)) for k, r in pts):
-        raise ValueError("frontier points must be finite (kl, reward) pairs")
-    out: list[tuple[float, float]] = []
-    for kl, reward in sorted(pts, key=lambda p: (p[0], -p[1])):
-        if not out or reward > out[-1][1]:
-            out.append((kl, reward))
-    return out

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from raydpo.reporting import format_table, pyplot
+
 
 def fmt_interval(iv) -> str:
     """`estimate [low, high]` to 3 decimals; "-" for a missing interval."""
@@ -13,24 +15,13 @@ def fmt_interval(iv) -> str:
 def results_table(results: dict, baselines: list[str]) -> str:
     """One line per policy and temperature: mean reward, KL, win rate vs each baseline (95% intervals)."""
     cols = ["method", "temp", "reward", "kl"] + [f"win vs {b}" for b in baselines]
-    lines = []
+    rows = []
     for name, by_t in results.items():
         for t, m in sorted(by_t.items()):
             cells = [name, f"{t:g}", fmt_interval(m.get("reward/mean")), fmt_interval(m["kl"])]
             cells += [fmt_interval(m.get(f"winrate/vs_{b}")) for b in baselines]
-            lines.append(cells)
-    widths = [max(len(c), *(len(r[i]) for r in lines)) for i, c in enumerate(cols)]
-    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([fmt(cols), fmt(["-" * w for w in widths])] + [fmt(r) for r in lines])
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+            rows.append(cells)
+    return format_table(cols, rows)
 
 
 def plot_frontier(results: dict, path: Path, series: dict[str, str] | None = None) -> Path | None:
@@ -47,7 +38,7 @@ def plot_frontier(results: dict, path: Path, series: dict[str, str] | None = Non
                 pts.setdefault(series.get(n, n), []).append((m["kl"].estimate, m["reward/mean"].estimate))
     if not pts:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, p in sorted(pts.items()):
         p.sort()
@@ -69,7 +60,7 @@ def plot_winrates(results: dict, baselines: list[str], path: Path) -> Path | Non
             for t, m in sorted(by_t.items())[:1] if f"winrate/vs_{b}" in m]  # fmt: skip
     if not bars:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = range(len(bars))
     ys = [iv.estimate for _, _, iv in bars]

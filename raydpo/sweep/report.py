@@ -10,6 +10,8 @@ import csv
 import math
 from pathlib import Path
 
+from raydpo.reporting import format_table as _format_table
+from raydpo.reporting import pyplot
 from raydpo.tracking import RunLogger, close_stopped_children, tracking_uri
 
 
@@ -40,10 +42,7 @@ def format_table(rows: list[dict]) -> str:
     if not rows:
         return "(no trials)"
     cols = list(rows[0])
-    cells = [[_fmt(r[c]) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths))  # noqa: E731
-    return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in cells])
+    return _format_table(cols, [[_fmt(r[c]) for c in cols] for r in rows])
 
 
 def _fmt(v) -> str:
@@ -53,11 +52,7 @@ def _fmt(v) -> str:
 def plot_metric_vs_beta(rows: list[dict], metric: str, path: Path) -> Path | None:
     if not rows or "loss.beta" not in rows[0]:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     groups: dict[str, list] = {}
     for r in rows:
@@ -82,11 +77,7 @@ def plot_metric_vs_beta(rows: list[dict], metric: str, path: Path) -> Path | Non
 def plot_beta_lr_heatmap(rows: list[dict], metric: str, path: Path) -> Path | None:
     if not rows or "loss.beta" not in rows[0] or "optim.lr" not in rows[0]:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     betas = sorted({r["loss.beta"] for r in rows})
     lrs = sorted({r["optim.lr"] for r in rows})
     grid = [[_mean([r[metric] for r in rows if r["loss.beta"] == b and r["optim.lr"] == lr]) for b in betas]
