@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="sample policies, judge them against baselines, log win rates to MLflow")
     e.add_argument("config", help="YAML eval config (policies, baselines, judge, prompts, reference)")
-    e.add_argument("overrides", nargs="*", help="key=value overrides of the eval config")
+    # default=[]: otherwise argparse lists `overrides` as required too when the config is missing
+    e.add_argument("overrides", nargs="*", default=[], help="key=value overrides of the eval config")
     e.set_defaults(func=_cmd_eval)
 
     m = sub.add_parser(

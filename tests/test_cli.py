@@ -122,3 +122,25 @@ def test_demo_verb_takes_size_dir_and_seed():
     args = build_parser().parse_args(["demo", "--size", "tiny", "--dir", "d", "--seed", "3"])
     assert (args.size, args.dir, args.seed, args.func) == ("tiny", "d", 3, _cmd_demo)
     assert build_parser().parse_args(["demo"]).size == "full"
+
+
+def test_eval_without_policies_names_the_field(tmp_path, capsys):
+    from raydpo.cli import main
+
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text("prompts: prompts.jsonl\nreference: ref\npolicies: {}\n")
+    assert main(["eval", str(cfg)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].endswith("policies: needs at least one policy"), lines
+    assert lines[0].startswith("raydpo: error: ") and str(cfg) in lines[0]
+
+
+def test_eval_without_a_config_says_the_config_is_missing(capsys):
+    from raydpo.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("usage: raydpo eval")  # argparse's usage line, then the one error line
+    assert err[1:] == ["raydpo eval: error: the following arguments are required: config"]

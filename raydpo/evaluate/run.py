@@ -36,7 +36,7 @@ import os
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from raydpo.config import TrackingConfig, _describe, _Strict, apply_overrides, read_yaml
@@ -81,6 +81,13 @@ class EvalConfig(_Strict):
     seed: int = 0  # sampling seed
     output_dir: str = "runs"  # results go to <output_dir>/<name>
     tracking: TrackingConfig = TrackingConfig()  # MLflow store and experiment
+
+    @field_validator("policies")
+    @classmethod
+    def _some_policy(cls, v: dict[str, PolicySpec]) -> dict[str, PolicySpec]:
+        if not v:
+            raise ValueError("needs at least one policy")
+        return v
 
     @model_validator(mode="after")
     def _baselines_known(self) -> EvalConfig:
