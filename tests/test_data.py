@@ -8,15 +8,18 @@ from pathlib import Path
 import pytest
 
 from raydpo.config import ColumnsConfig, DataConfig
+from raydpo.data import readers
 from raydpo.data.builtin import tiny_prefs
-from raydpo.data.readers import detect_format, iter_rows
-from raydpo.data.schema import REASONS, BadRow, PreferenceRecord
+from raydpo.data.readers import UnreadableRow, decode_jsonl_line, detect_format, iter_rows
+from raydpo.data.schema import REASONS, BadRow, PreferenceRecord, TextRecord
 from raydpo.data.validate import (
     Quarantine,
     QuarantineReport,
     canonicalize,
     chat_renderer,
     check_bad_fraction,
+    check_row,
+    quarantine_raw,
     validate_rows,
     validate_source,
 )
@@ -114,7 +117,7 @@ def test_mixed_jsonl_keeps_good_rows_and_quarantines_every_bad_one(mixed_jsonl: 
     assert {q["row"]: q["reason"] for q in lines} == EXPECTED_BAD
     assert all(q["source"] == str(mixed_jsonl) and q["reason"] in REASONS for q in lines)
     by_row = {q["row"]: q for q in lines}
-    assert by_row[1]["detail"].startswith("line 2: ")
+    assert by_row[1]["detail"] == "line 2: Expecting value: line 1 column 27 (char 26)"
     assert by_row[1]["raw"] == '{"prompt": "x", "chosen": '
     assert by_row[2]["detail"].startswith("line 3: invalid UTF-8")
     assert by_row[3]["raw"] == "[1, 2, 3]" and "line 5" in by_row[3]["detail"]
@@ -431,3 +434,188 @@ def test_quarantine_close_twice_keeps_the_file(tmp_path):
         q.add("src", 3, BadRow("identical", "same"), {"x": 1})
         assert q.close() == tmp_path / "q.jsonl"
     assert (tmp_path / "q.jsonl").read_text().count("\n") == 1
+
+
+# ----------------------------------------------------------------------------- renamed columns
+
+
+def test_missing_column_names_it_and_suggests_the_override():
+    cols = ColumnsConfig()
+    with pytest.raises(BadRow) as e:
+        canonicalize({"question": "Q?", "good": " yes", "bad": " no"}, cols)
+    assert e.value.reason == "missing_field"
+    assert e.value.detail == "missing 'chosen' (columns: question, good, bad); set data.columns.chosen=<name>"
+    # only the columns that other data.columns settings already take: nothing to suggest
+    with pytest.raises(BadRow) as e:
+        canonicalize({"id": 3, "prompt": "p", "chosen": " a", "score": 1.5}, cols)
+    assert e.value.detail == "missing 'rejected' (columns: id, prompt, chosen, score)"
+    with pytest.raises(BadRow) as e:
+        canonicalize({"prompt": "p", "chosen": None, "rejected": " b"}, cols)
+    assert e.value.detail == "column 'chosen' is null"
+    with pytest.raises(BadRow) as e:
+        canonicalize({}, cols)
+    assert e.value.detail == "missing 'chosen' (the row has no columns)"
+    with pytest.raises(BadRow) as e:
+        canonicalize({f"c{i}": "x" for i in range(12)}, cols)
+    assert "(columns: c0, c1, c2, c3, c4, c5, c6, c7, ...); set data.columns.chosen=<name>" in e.value.detail
+
+
+def test_renamed_columns_error_names_the_column_in_one_line(tmp_path: Path):
+    rows = [{"question": f"Q{i}?", "good": f" yes {i}", "bad": f" no {i}"} for i in range(20)]
+    path = write_jsonl(tmp_path / "renamed.jsonl", rows)
+    with pytest.raises(DataError) as err:
+        validate_source(DataConfig(source=str(path)), tmp_path / "q.jsonl")
+    msg = str(err.value)
+    assert "20 of 20 rows (100.0%) were quarantined" in msg and "(missing_field: 20)" in msg
+    assert msg.endswith(
+        "; first missing_field: row 0: missing 'chosen' (columns: question, good, bad); "
+        "set data.columns.chosen=<name>"
+    )
+    assert "\n" not in msg
+    # with the override the same file is valid
+    cols = ColumnsConfig(prompt="question", chosen="good", rejected="bad")
+    records, report = validate_source(DataConfig(source=str(path), columns=cols), tmp_path / "q.jsonl")
+    assert report.kept == 20 and records[0] == PreferenceRecord("Q0?", " yes 0", " no 0")
+
+
+def test_bad_fraction_error_shows_the_first_row_of_the_most_common_reason(tmp_path: Path):
+    rows = [
+        {"prompt": "p", "chosen": " a", "rejected": " a"},  # identical (row 0, once)
+        {"prompt": "p", "chosen": " a", "rejected": " b"},
+        {"prompt": "p", "chosen": 3, "rejected": " b"},  # wrong_type (rows 2 and 3)
+        {"prompt": "p", "chosen": " a", "rejected": 4},
+    ]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError) as err:
+        validate_source(DataConfig(source=str(path)), tmp_path / "q.jsonl")
+    msg = str(err.value)
+    assert "(wrong_type: 2, identical: 1); first wrong_type: row 2: column 'chosen' is a int" in msg
+    report = QuarantineReport("s", 10, 9, {"identical": 1}, "q", {"identical": "row 4: same"})
+    with pytest.raises(DataError, match=r"none of its 10 rows.*first identical: row 4: same$"):
+        check_bad_fraction(QuarantineReport("s", 10, 0, {"identical": 10}, "q", report.examples), 1.0)
+    check_bad_fraction(report, 0.5)  # within the limit: no error
+
+
+def test_quarantine_keeps_the_first_detail_of_each_reason_on_one_line(tmp_path: Path):
+    with Quarantine(tmp_path / "q.jsonl") as q:
+        q.add("s", 2, BadRow("identical", "first\n  one"), {})
+        q.add("s", 5, BadRow("identical", "second"), {})
+        q.add("s", None, BadRow("wrong_type", "no row"), {})
+    assert q.examples == {"identical": "row 2: first one", "wrong_type": "no row"}
+
+
+# ----------------------------------------------------------------------------- SFT text rows
+
+
+def test_text_rows_check():
+    cols = ColumnsConfig()
+    assert check_row({"text": "hello", "id": 4}, cols, texts=True) == TextRecord("", "hello", "4")
+    assert check_row({"prompt": "Q:", "completion": " A"}, cols, texts=True) == TextRecord("Q:", " A")
+    cases = {
+        "missing_field": {"content": "hello"},
+        "wrong_type": {"text": 5},
+        "empty_text": {"prompt": "Q:", "completion": "  "},
+    }
+    for reason, row in cases.items():
+        with pytest.raises(BadRow) as e:
+            check_row(row, cols, texts=True)
+        assert e.value.reason == reason, row
+    with pytest.raises(BadRow) as e:
+        check_row({"content": "hello"}, cols, texts=True)
+    assert e.value.detail == "missing 'text' or 'completion' (columns: content); set data.columns.text=<name>"
+    with pytest.raises(BadRow) as e:
+        check_row({"prompt": "Q:", "answer": " A"}, cols, texts=True)
+    assert e.value.detail.endswith("(columns: prompt, answer); set data.columns.completion=<name>")
+    with pytest.raises(BadRow) as e:  # a pair row's "completion" column may well be its chosen one
+        canonicalize({"prompt": "Q:", "completion": " A", "rejected": " B"}, cols)
+    assert e.value.detail.endswith("set data.columns.chosen=<name>")
+    with pytest.raises(BadRow, match="column 'text' is null"):
+        check_row({"text": None}, cols, texts=True)
+
+
+def test_validate_source_of_texts(tmp_path: Path):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": "a b"}, {"prompt": "Q", "completion": " A"}, {"x": 1}])
+    cfg = DataConfig(source=str(path), max_bad_fraction=0.5)
+    records, report = validate_source(cfg, tmp_path / "q.jsonl", texts=True)
+    assert records == [TextRecord("", "a b"), TextRecord("Q", " A")] and report.counts == {"missing_field": 1}
+
+
+# ----------------------------------------------------------------------------- the pipeline's rows
+
+
+def pipeline_rows(items: list[dict]) -> list:
+    """What the Ray actor stage checks: each item back into a reader's Row (no Ray needed)."""
+    from raydpo.data.pipeline import read_item
+
+    return [(it["row"], read_item(it["line"], it["data"], it["reason"], it["detail"])) for it in items]
+
+
+def outcomes(rows) -> dict:
+    """row index → record, or (reason, detail, raw) as a quarantine line holds them."""
+    out = {}
+    for i, row in rows:
+        try:
+            out[i] = check_row(row, ColumnsConfig())
+        except BadRow as e:
+            out[i] = (e.reason, e.detail, quarantine_raw(row))
+    return out
+
+
+def test_pipeline_and_validate_judge_every_jsonl_row_alike(mixed_jsonl: Path, tmp_path: Path):
+    """`raydpo data validate` and training split, decode and check JSON lines with the same code."""
+    from raydpo.data.pipeline import _split_lines
+
+    items = _split_lines({"bytes": mixed_jsonl.read_bytes()})
+    assert [(it["row"], it["line"]) for it in items][:4] == [(0, 1), (1, 2), (2, 3), (3, 5)]
+    piped = outcomes(pipeline_rows(items))
+    assert piped == outcomes(iter_rows(str(mixed_jsonl)))
+    assert [piped[i] for i in (0, 4, 11)] == GOOD_RECORDS
+    assert {i: v[0] for i, v in piped.items() if isinstance(v, tuple)} == EXPECTED_BAD
+    assert piped[3] == ("wrong_type", "line 5: a JSON list, not an object", "[1, 2, 3]")
+
+    # and the quarantine lines hold the same raw values on both paths
+    validate_source(DataConfig(source=str(mixed_jsonl), max_bad_fraction=0.9), tmp_path / "q.jsonl")
+    lines = {q["row"]: (q["reason"], q["detail"], q["raw"]) for q in read_quarantine(tmp_path / "q.jsonl")}
+    assert lines == {
+        i: (*v[:2], json.loads(json.dumps(v[2]))) for i, v in piped.items() if isinstance(v, tuple)
+    }
+
+
+def test_jsonl_line_decoder():
+    assert decode_jsonl_line(b'{"a": 1}\r\n', 3) == {"a": 1}
+    bad = decode_jsonl_line(b"\xff{}\n", 7)
+    assert isinstance(bad, UnreadableRow) and bad.reason == "undecodable"
+    assert bad.detail.startswith("line 7: invalid UTF-8") and bad.raw == "\ufffd{}"
+    assert decode_jsonl_line(b'"text"').detail == "a JSON str, not an object"  # no line number given
+
+
+def test_hf_rows_reach_the_pipeline_with_their_problems(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A saved HF dataset's bad row is judged like `validate_source` judges it, and a row the
+    reader cannot read is carried to the actor stage with its reason, not dropped."""
+    import datasets
+
+    from raydpo.data.pipeline import _reader_items
+
+    rows = [
+        {"id": "a", "prompt": "Review:", "chosen": " great", "rejected": " bad"},
+        {"id": "b", "prompt": "Review:", "chosen": None, "rejected": " bad"},
+    ]
+    hf_dir = tmp_path / "hf"
+    datasets.Dataset.from_list(rows).save_to_disk(str(hf_dir))
+    piped = outcomes(pipeline_rows(_reader_items(iter_rows(str(hf_dir)))))
+    assert piped == outcomes(iter_rows(str(hf_dir)))
+    assert piped[0] == PreferenceRecord("Review:", " great", " bad", "a")
+    assert piped[1][:2] == ("missing_field", "column 'chosen' is null")
+
+    def unreadable():
+        yield {"prompt": "p", "chosen": " a", "rejected": " b"}
+        yield UnreadableRow("undecodable", "record 1: cannot be read", "<raw bytes>")
+        yield BadRow("wrong_type", "record 2: not a mapping")
+
+    monkeypatch.setitem(readers.BUILTINS, "builtin:broken", unreadable)
+    items = _reader_items(iter_rows("builtin:broken"))
+    assert [it["reason"] for it in items] == ["", "undecodable", "wrong_type"]
+    piped = outcomes(pipeline_rows(items))
+    assert piped == outcomes(iter_rows("builtin:broken"))
+    assert piped[1] == ("undecodable", "record 1: cannot be read", "<raw bytes>")
+    assert piped[2] == ("wrong_type", "record 2: not a mapping", None)

@@ -1,17 +1,24 @@
 """The Ray Data pipeline: read → validate + tokenize (actor pool) → quarantine → train / eval datasets.
 
-Every source becomes a Dataset of `{"row", "raw"}` (the row as JSON text, or an undecodable line);
-one actor stage holding the tokenizer turns each row into token ids or into a quarantine entry with
-its reason. Bad rows are written to the quarantine file on the driver (their number is bounded by
-`max_bad_fraction` or the run stops). `row` is the line index for JSON lines; Parquet and Hugging
-Face sources are read in parallel blocks without a global index, so `row` is the row's id there
-(null without one) and `raw` always holds the row itself.
+Every source becomes a Dataset of JSON lines, `{"row", "line", "data", "reason", "detail"}`: `data`
+is the bytes of one JSON-lines line as read from the file (`line` its line number), or, for
+Parquet, Hugging Face and built-in sources, the row encoded as JSON by this module (`line` 0).
+`reason`/`detail` carry a row the reader could not read (then `data` is the JSON of the text it
+came from). One actor stage holding the tokenizer decodes each line once, with the readers' own
+decoder (`readers.decode_jsonl_line`), checks it with the same `validate.check_row` that
+`raydpo data validate` uses, and turns it into token ids or into a quarantine entry with its reason.
+Bad rows are written to the quarantine file on the driver (their number is bounded by
+`max_bad_fraction` or the run stops). `row` is the row index for JSON lines and for Hugging Face
+and built-in sources; Parquet is read in parallel blocks without a global index, so `row` is the
+row's id there (null without one). A quarantine line's `raw` is what `raydpo data validate` writes.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,36 +26,61 @@ import ray
 from ray.data.expressions import col
 
 from raydpo.config import DataConfig, ModelConfig, RunConfig
-from raydpo.data.readers import detect_format, iter_rows
-from raydpo.data.schema import BadRow
+from raydpo.data.readers import Row, UnreadableRow, decode_jsonl_line, detect_format, iter_rows, jsonl_lines
+from raydpo.data.schema import BadRow, TextRecord
 from raydpo.data.tokenize import tokenize_pair, tokenize_text
-from raydpo.data.validate import Quarantine, QuarantineReport, canonicalize, chat_renderer, check_bad_fraction
+from raydpo.data.validate import (
+    Quarantine,
+    chat_renderer,
+    check_bad_fraction,
+    check_row,
+    quarantine_raw,
+    report_of,
+)
 from raydpo.errors import DataError
 from raydpo.models.loading import load_tokenizer
 
 PAIR_COLUMNS = ["prompt_ids", "chosen_ids", "rejected_ids"]
 
 
+def _item(row: int, data: bytes, line: int = 0, reason: str = "", detail: str = "") -> dict:
+    return {"row": row, "line": line, "data": data, "reason": reason, "detail": detail}
+
+
+def _to_json(value: Any) -> bytes:
+    return json.dumps(value, default=repr).encode()
+
+
 def _split_lines(item: dict) -> list[dict]:
-    """One JSON-lines file (bytes) → one row per non-blank line, numbered like readers.iter_rows."""
-    out, row = [], 0
-    for line in item["bytes"].splitlines():
-        if not line.strip():
-            continue
-        try:
-            text, err = line.decode("utf-8"), ""
-        except UnicodeDecodeError as e:
-            text, err = line.decode("utf-8", errors="replace"), f"line {row + 1}: invalid UTF-8: {e.reason}"
-        out.append({"row": row, "raw": text, "error": err})
-        row += 1
-    return out
+    """One JSON-lines file (bytes) → one item per non-blank line, undecoded, split and numbered
+    as `readers.iter_rows` does (`readers.jsonl_lines`)."""
+    lines = jsonl_lines(io.BytesIO(item["bytes"]))
+    return [_item(row, line, line_no) for row, (line_no, line) in enumerate(lines)]
 
 
 def _rows_to_json(batch: dict) -> dict:
     keys = list(batch)
     n = len(batch[keys[0]]) if keys else 0
-    raws = [json.dumps({k: _plain(batch[k][i]) for k in keys}, default=repr) for i in range(n)]
-    return {"row": [-1] * n, "raw": raws, "error": [""] * n}
+    data = [_to_json({k: _plain(batch[k][i]) for k in keys}) for i in range(n)]
+    return {"row": [-1] * n, "line": [0] * n, "data": data, "reason": [""] * n, "detail": [""] * n}
+
+
+def _reader_items(rows: Iterable[tuple[int, Row]]) -> list[dict]:
+    """A reader's rows (Hugging Face, built-in) as items; a row the reader could not read keeps
+    its reason and detail, so that the actor stage quarantines it."""
+    return [
+        _item(i, _to_json(quarantine_raw(r)), reason=r.reason, detail=r.detail)
+        if isinstance(r, BadRow)
+        else _item(i, _to_json(r))
+        for i, r in rows
+    ]
+
+
+def read_item(line: int, data: bytes, reason: str, detail: str) -> Row:
+    """An item back into the reader's Row: the dict, or the BadRow, that `iter_rows` gives for it."""
+    if reason:
+        return UnreadableRow(reason, detail, json.loads(data))
+    return decode_jsonl_line(data, int(line) or None)
 
 
 def _plain(v: Any) -> Any:
@@ -63,7 +95,7 @@ def _plain(v: Any) -> Any:
 
 
 def source_dataset(cfg: DataConfig, source: str):
-    """The raw rows of `source` as a Ray Dataset with columns row, raw, error."""
+    """The rows of `source` as a Ray Dataset of items (columns row, line, data, reason, detail)."""
     fmt = detect_format(source, cfg.format)
     if fmt == "jsonl":
         ds = ray.data.read_binary_files(str(Path(source).resolve())).flat_map(_split_lines)
@@ -72,17 +104,12 @@ def source_dataset(cfg: DataConfig, source: str):
             _rows_to_json, batch_format="numpy"
         )
     else:  # builtin rows, or a Hugging Face dataset, go through the shared reader
-        rows = [
-            {"row": i, "raw": json.dumps(r, default=repr), "error": ""}
-            for i, r in iter_rows(source, cfg.format, cfg.split)
-            if not isinstance(r, BadRow)
-        ]
-        ds = ray.data.from_items(rows)
+        ds = ray.data.from_items(_reader_items(iter_rows(source, cfg.format, cfg.split, cfg.max_rows)))
     return ds.limit(cfg.max_rows) if cfg.max_rows else ds
 
 
 class PreparePairs:
-    """Actor stage: JSON text → canonical record → token ids, or a quarantine entry."""
+    """Actor stage: item → `check_row` → token ids, or a quarantine entry."""
 
     model_cfg: dict = {}  # set by `preparer` on a subclass, so actors take no constructor arguments
     data_cfg: dict = {}
@@ -93,54 +120,33 @@ class PreparePairs:
         self.tokenizer = load_tokenizer(ModelConfig.model_validate(self.model_cfg))
         self.render = chat_renderer(self.tokenizer) if self.tokenizer.chat_template else None
 
-    def one(self, raw: str, error: str) -> dict:
-        if error:
-            raise BadRow("undecodable", error)
-        try:
-            row = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise BadRow("undecodable", f"invalid JSON: {e}") from None
-        if not isinstance(row, dict):
-            raise BadRow("wrong_type", f"a row must be a JSON object, got {type(row).__name__}")
-        if self.texts:
-            return self.one_text(row)
-        rec = canonicalize(row, self.data.columns, self.render)
-        pair = tokenize_pair(rec, self.tokenizer, self.data.max_length, self.data.max_prompt_length)
+    def one(self, row: Row) -> dict:
+        """One row → its token ids (BadRow when validation or tokenization rejects it)."""
+        rec = check_row(row, self.data.columns, self.render, self.texts)
+        d = self.data
+        if isinstance(rec, TextRecord):
+            pair = tokenize_text(
+                rec.prompt, rec.completion, self.tokenizer, d.max_length, d.max_prompt_length
+            )
+        else:
+            pair = tokenize_pair(rec, self.tokenizer, d.max_length, d.max_prompt_length)
         return {"id": rec.id, "prompt_ids": pair.prompt_ids, "chosen_ids": pair.chosen_ids,
                 "rejected_ids": pair.rejected_ids}  # fmt: skip
 
-    def one_text(self, row: dict) -> dict:
-        """An SFT row: {"text"} (trained on all of it) or {"prompt", "completion"} (on the completion)."""
-        cols = self.data.columns
-        if cols.text in row:
-            prompt, completion = "", row[cols.text]
-        else:
-            prompt, completion = row.get(cols.prompt, ""), row.get(cols.completion)
-        if completion is None:
-            raise BadRow("missing_field", f"an SFT row needs '{cols.text}' or '{cols.completion}'")
-        if not isinstance(completion, str) or not isinstance(prompt, str):
-            raise BadRow("wrong_type", "SFT text, prompt and completion must be strings")
-        if not completion.strip():
-            raise BadRow("empty_text", "the text to train on is empty")
-        pair = tokenize_text(
-            prompt, completion, self.tokenizer, self.data.max_length, self.data.max_prompt_length
-        )
-        rid = row.get(cols.id)
-        return {"id": None if rid is None else str(rid), "prompt_ids": pair.prompt_ids,
-                "chosen_ids": pair.chosen_ids, "rejected_ids": pair.rejected_ids}  # fmt: skip
-
     def __call__(self, batch: dict) -> dict:
         cols: dict[str, list] = {k: [] for k in ["row", "ok", "reason", "detail", "raw", "id", *PAIR_COLUMNS]}
-        for row, raw, error in zip(batch["row"], batch["raw"], batch["error"]):
+        items = zip(batch["row"], batch["line"], batch["data"], batch["reason"], batch["detail"])
+        for index, line, data, reason, detail in items:
+            row = read_item(line, data, reason, detail)
             try:
-                out, reason, detail = self.one(raw, error), "", ""
+                out, reason, detail = self.one(row), "", ""
             except BadRow as e:
                 out, reason, detail = {"id": None, **{c: [] for c in PAIR_COLUMNS}}, e.reason, e.detail
-            cols["row"].append(int(row))
+            cols["row"].append(int(index))
             cols["ok"].append(not reason)
             cols["reason"].append(reason)
             cols["detail"].append(detail)
-            cols["raw"].append("" if not reason else raw)
+            cols["raw"].append(json.dumps(quarantine_raw(row), default=repr) if reason else "")
             for k, v in out.items():
                 cols[k].append(v)
         return cols
@@ -187,25 +193,16 @@ def prepare_dataset(
     bad = ds.filter(expr=col("ok") == False).take_all()  # noqa: E712 (an expression, not a comparison)
     with Quarantine(quarantine_path) as q:
         for r in sorted(bad, key=lambda r: r["row"]):
-            raw = _raw(r["raw"])
+            raw = json.loads(r["raw"])
             row = (
                 r["row"]
                 if r["row"] >= 0
                 else (raw.get(cfg.data.columns.id) if isinstance(raw, dict) else None)
             )
             q.add(source, row, BadRow(r["reason"], r["detail"]), raw)
-        path = q.close()
-    report = QuarantineReport(
-        source=source, total=total, kept=total - len(bad), counts=dict(q.counts), path=path
-    )
+        q.close()
+    report = report_of(q, source, total, total - len(bad))
     check_bad_fraction(report, cfg.data.max_bad_fraction)
     ok = col("ok") == True  # noqa: E712 (builds a Ray Data expression)
     good = ds.filter(expr=ok).select_columns(["id", *PAIR_COLUMNS]).materialize()
     return good, report
-
-
-def _raw(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except (json.JSONDecodeError, TypeError):
-        return text

@@ -8,7 +8,8 @@ blank lines are not numbered, so row indices agree with the same data in parquet
 
 Sources (`fmt="auto"` picks one from the string):
 - `builtin:tiny-prefs`             rows built in memory (`raydpo.data.builtin`), no download;
-- `*.jsonl` / `*.json` (JSON lines) read as bytes, line by line;
+- `*.jsonl` / `*.json` (JSON lines) read as bytes, line by line (`jsonl_lines`), each line decoded
+                                    once by `decode_jsonl_line`, which the Ray pipeline uses too;
 - `*.parquet`                       streamed by record batches with pyarrow;
 - a `save_to_disk` directory        `datasets.load_from_disk` (a DatasetDict: pick `split`);
 - `owner/name` (not a local path)   a Hugging Face hub dataset, `datasets.load_dataset`.
@@ -112,25 +113,38 @@ def _existing_file(source: str) -> Path:
 
 
 def _jsonl_rows(path: Path) -> Iterator[Row]:
-    """One row per non-blank line; lines are numbered from 1 in BadRow details."""
+    """One row per non-blank line, decoded by `decode_jsonl_line`."""
     with path.open("rb") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue  # a blank line is not a row (documented in the module docstring)
-            raw = line.decode("utf-8", errors="replace").rstrip("\r\n")
-            try:
-                value = json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                yield UnreadableRow("undecodable", f"line {line_no}: invalid UTF-8: {e.reason}", raw)
-                continue
-            except json.JSONDecodeError as e:
-                yield UnreadableRow("undecodable", f"line {line_no}: {e}", raw)
-                continue
-            if not isinstance(value, dict):
-                detail = f"line {line_no}: a JSON {type(value).__name__}, not an object"
-                yield UnreadableRow("wrong_type", detail, raw)
-                continue
-            yield value
+        for line_no, line in jsonl_lines(f):
+            yield decode_jsonl_line(line, line_no)
+
+
+def jsonl_lines(lines: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
+    """`(line_no, line)` for each non-blank line of a JSON-lines file read as bytes (a binary file
+    object, or `io.BytesIO` of its bytes), numbered from 1 counting blank lines, as editors do.
+    Blank lines are not rows (module docstring); the readers and the Ray pipeline both split here."""
+    for line_no, line in enumerate(lines, start=1):
+        if line.strip():
+            yield line_no, line
+
+
+def decode_jsonl_line(line: bytes, line_no: int | None = None) -> Row:
+    """One JSON-lines line → its row (a dict), or an UnreadableRow: "undecodable" for bad UTF-8 or
+    bad JSON, "wrong_type" for JSON that is not an object. The one decoder of JSON lines: the
+    reader above and the Ray pipeline (`raydpo.data.pipeline`) call it once per line. `line_no`
+    prefixes the detail ("line 3: ...") when the line came from a file."""
+    where = "" if line_no is None else f"line {line_no}: "
+    line = line.rstrip(b"\r\n")  # so that a JSON error's position is on line 1 of this line
+    raw = line.decode("utf-8", errors="replace")
+    try:
+        value = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return UnreadableRow("undecodable", f"{where}invalid UTF-8: {e.reason}", raw)
+    except json.JSONDecodeError as e:
+        return UnreadableRow("undecodable", f"{where}{e}", raw)
+    if not isinstance(value, dict):
+        return UnreadableRow("wrong_type", f"{where}a JSON {type(value).__name__}, not an object", raw)
+    return value
 
 
 def _parquet_rows(path: Path) -> Iterator[Row]:

@@ -6,6 +6,9 @@ Input shapes (DESIGN.md, "Preference records"):
                    with the tokenizer's chat template.
 - implicit prompt: {"chosen", "rejected"} only; the prompt is their shared prefix.
 An optional "id" travels along. Column names are configurable (`data.columns`).
+
+SFT sources (methods that train on texts) hold {"text"} or {"prompt", "completion"} rows instead;
+each becomes a TextRecord.
 """
 
 from __future__ import annotations
@@ -20,6 +23,18 @@ class PreferenceRecord:
     prompt: str
     chosen: str
     rejected: str
+    id: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TextRecord:
+    """One SFT example as text: train on `completion` after `prompt` ("" when the row is one text)."""
+
+    prompt: str
+    completion: str
     id: str | None = None
 
     def to_dict(self) -> dict:

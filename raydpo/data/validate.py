@@ -9,6 +9,12 @@
                    rejected (TRL's `extract_prompt` rule for strings, whole messages for lists).
 A row that cannot become a record raises BadRow with a code from `schema.REASONS`.
 
+`check_row` is the one check of a row, used by both paths: `validate_rows` / `validate_source`
+(the CLI's `raydpo data validate`) and the Ray pipeline that training reads (`pipeline.py`, which
+then tokenizes). It takes a reader's Row (a dict, or the BadRow of a row that could not be read)
+and gives a PreferenceRecord, or a TextRecord for SFT sources (`texts=True`), or raises BadRow;
+so a row is kept or quarantined, with the same reason and detail, on both paths.
+
 `validate_rows` runs it over a reader's stream, writing every bad row to a `Quarantine` file, and
 `check_bad_fraction` stops the run when too many rows were bad. Nothing is dropped silently.
 """
@@ -25,7 +31,7 @@ from typing import Any
 
 from raydpo.config import ColumnsConfig, DataConfig
 from raydpo.data.readers import Row, iter_rows
-from raydpo.data.schema import BadRow, PreferenceRecord
+from raydpo.data.schema import BadRow, PreferenceRecord, TextRecord
 from raydpo.errors import DataError
 
 ChatRenderer = Callable[[list[dict], bool], str]
@@ -57,6 +63,45 @@ def chat_renderer(tokenizer: Any) -> ChatRenderer:
 # ----------------------------------------------------------------------------- one row
 
 
+def check_row(
+    row: Row, columns: ColumnsConfig, render_chat: ChatRenderer | None = None, texts: bool = False
+) -> PreferenceRecord | TextRecord:
+    """The one per-row check of `raydpo data validate` and of training: a reader's Row → a
+    PreferenceRecord (or a TextRecord when `texts`), else raises BadRow. A BadRow from the reader
+    (an undecodable line, say) is raised as it is. DataError as in `canonicalize`."""
+    if isinstance(row, BadRow):
+        raise row
+    return text_record(row, columns) if texts else canonicalize(row, columns, render_chat)
+
+
+def quarantine_raw(row: Row) -> Any:
+    """What a quarantine line keeps of a bad row: the row itself, or the text it was read from."""
+    return getattr(row, "raw", None) if isinstance(row, BadRow) else row
+
+
+def text_record(row: dict, columns: ColumnsConfig) -> TextRecord:
+    """An SFT row: {text} (trained on all of it) or {prompt, completion} (on the completion)."""
+    if not isinstance(row, dict):
+        raise BadRow("wrong_type", f"row is a {type(row).__name__}, not an object")
+    if columns.text in row:
+        prompt, completion = "", row[columns.text]
+    else:
+        prompt, completion = row.get(columns.prompt, ""), row.get(columns.completion)
+    if completion is None:
+        if columns.text in row or columns.completion in row:
+            name = columns.text if columns.text in row else columns.completion
+            raise BadRow("missing_field", f"column {name!r} is null")
+        wanted = f"{columns.text!r} or {columns.completion!r}"
+        key = "completion" if columns.prompt in row else "text"  # {prompt, completion} or {text}
+        raise BadRow("missing_field", _missing(row, wanted, key, {columns.prompt, columns.id}))
+    if not isinstance(completion, str) or not isinstance(prompt, str):
+        raise BadRow("wrong_type", "SFT text, prompt and completion must be strings")
+    if not completion.strip():
+        raise BadRow("empty_text", "the text to train on is empty")
+    rid = row.get(columns.id)
+    return TextRecord(prompt=prompt, completion=completion, id=None if rid is None else str(rid))
+
+
 def canonicalize(
     row: dict, columns: ColumnsConfig, render_chat: ChatRenderer | None = None
 ) -> PreferenceRecord:
@@ -66,10 +111,10 @@ def canonicalize(
         raise BadRow("wrong_type", f"row is a {type(row).__name__}, not an object")
     rid = row.get(columns.id)
     rid = None if rid is None else str(rid)
-    chosen = _value(row, columns.chosen)
-    rejected = _value(row, columns.rejected)
+    chosen = _value(row, columns, "chosen")
+    rejected = _value(row, columns, "rejected")
     implicit = columns.prompt not in row
-    prompt = None if implicit else _value(row, columns.prompt)
+    prompt = None if implicit else _value(row, columns, "prompt")
     values = {columns.chosen: chosen, columns.rejected: rejected}
     if not implicit:
         values = {columns.prompt: prompt, **values}
@@ -92,16 +137,35 @@ def canonicalize(
     return PreferenceRecord(prompt=prompt, chosen=chosen, rejected=rejected, id=rid)
 
 
-def _value(row: dict, name: str) -> str | list:
-    """The column's value, a str or a list; missing_field / wrong_type otherwise."""
+def _value(row: dict, columns: ColumnsConfig, key: str) -> str | list:
+    """The value of column `columns.<key>`, a str or a list; missing_field / wrong_type otherwise."""
+    name = getattr(columns, key)
     value = row.get(name)
+    if value is None and name in row:
+        raise BadRow("missing_field", f"column {name!r} is null")
     if value is None:
-        raise BadRow("missing_field", f"column {name!r} is missing or null")
+        taken = {columns.prompt, columns.chosen, columns.rejected, columns.id} - {name}
+        raise BadRow("missing_field", _missing(row, repr(name), key, taken))
     if not isinstance(value, (str, list)):
         raise BadRow(
             "wrong_type", f"column {name!r} is a {type(value).__name__}, expected a str or a list of messages"
         )
     return value
+
+
+MAX_LISTED = 8  # columns named in a missing_field detail
+
+
+def _missing(row: dict, wanted: str, key: str, taken: set[str]) -> str:
+    """The detail of a missing column: the row's columns and, when some of them hold text (or
+    messages) and are not `taken` by another `data.columns` setting, the override to set:
+    "missing 'chosen' (columns: question, good, bad); set data.columns.chosen=<name>"."""
+    names = [str(k) for k in row]
+    shown = ", ".join(names[:MAX_LISTED]) + (", ..." if len(names) > MAX_LISTED else "")
+    detail = f"missing {wanted} ({f'columns: {shown}' if names else 'the row has no columns'})"
+    if any(isinstance(v, (str, list)) and k not in taken for k, v in row.items()):
+        detail += f"; set data.columns.{key}=<name>"
+    return detail
 
 
 def _same_kind(values: dict[str, str | list]) -> None:
@@ -185,6 +249,7 @@ class QuarantineReport:
     kept: int  # rows that became records
     counts: dict[str, int] = field(default_factory=dict)  # quarantined rows per reason
     path: str | None = None  # the quarantine file; None when nothing was quarantined
+    examples: dict[str, str] = field(default_factory=dict)  # per reason: its first row and detail
 
     @property
     def bad(self) -> int:
@@ -225,6 +290,7 @@ class Quarantine:
         self.path = Path(path)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self.counts: Counter[str] = Counter()
+        self.examples: dict[str, str] = {}  # reason → "row N: detail" of the first row with it
         self._file = None
         self._closed = False
 
@@ -240,6 +306,8 @@ class Quarantine:
             line = json.dumps({**entry, "raw": repr(raw)})
         self._file.write(line + "\n")
         self.counts[bad.reason] += 1
+        where = "" if row is None else f"row {row}: "
+        self.examples.setdefault(bad.reason, " ".join(f"{where}{bad.detail}".split()))
 
     def close(self) -> Path | None:
         """Publish the file (or remove a stale one); returns its path, or None if nothing was bad.
@@ -277,25 +345,30 @@ def validate_rows(
     render_chat: ChatRenderer | None,
     quarantine: Quarantine,
     source: str,
-) -> tuple[list[PreferenceRecord], QuarantineReport]:
-    """Canonicalize every row; bad ones go to `quarantine`, which this closes."""
-    records: list[PreferenceRecord] = []
+    texts: bool = False,
+) -> tuple[list[PreferenceRecord | TextRecord], QuarantineReport]:
+    """`check_row` on every row; bad ones go to `quarantine`, which this closes."""
+    records: list[PreferenceRecord | TextRecord] = []
     total = 0
     with quarantine:
         for index, row in rows:
             total += 1
-            if isinstance(row, BadRow):
-                quarantine.add(source, index, row, getattr(row, "raw", None))
-                continue
             try:
-                records.append(canonicalize(row, columns, render_chat))
+                records.append(check_row(row, columns, render_chat, texts))
             except BadRow as bad:
-                quarantine.add(source, index, bad, row)
+                quarantine.add(source, index, bad, quarantine_raw(row))
             except DataError as e:
                 raise DataError(f"{source}: row {index}: {e}") from None
-    path = quarantine.path if quarantine.counts else None
-    report = QuarantineReport(source, total, len(records), dict(quarantine.counts), path and str(path))
+    report = report_of(quarantine, source, total, len(records))
     return records, report
+
+
+def report_of(quarantine: Quarantine, source: str, total: int, kept: int) -> QuarantineReport:
+    """The report of a closed quarantine."""
+    path = quarantine.path if quarantine.counts else None
+    return QuarantineReport(
+        source, total, kept, dict(quarantine.counts), path and str(path), dict(quarantine.examples)
+    )
 
 
 def validate_source(
@@ -303,26 +376,34 @@ def validate_source(
     quarantine_path: str | os.PathLike,
     render_chat: ChatRenderer | None = None,
     source: str | None = None,
-) -> tuple[list[PreferenceRecord], QuarantineReport]:
-    """Read `source` (default `cfg.source`), validate every row, and enforce `cfg.max_bad_fraction`."""
+    texts: bool = False,
+) -> tuple[list[PreferenceRecord | TextRecord], QuarantineReport]:
+    """Read `source` (default `cfg.source`), validate every row, and enforce `cfg.max_bad_fraction`.
+    `texts`: the source holds SFT texts rather than preference pairs."""
     src = source or cfg.source
     rows = iter_rows(src, cfg.format, cfg.split, cfg.max_rows)
-    records, report = validate_rows(rows, cfg.columns, render_chat, Quarantine(quarantine_path), src)
+    records, report = validate_rows(rows, cfg.columns, render_chat, Quarantine(quarantine_path), src, texts)
     check_bad_fraction(report, cfg.max_bad_fraction)
     return records, report
 
 
 def check_bad_fraction(report: QuarantineReport, max_bad_fraction: float) -> None:
-    """DataError when the source had no rows, no good rows, or more bad rows than allowed."""
+    """DataError when the source had no rows, no good rows, or more bad rows than allowed. The
+    message is one line; it ends with the first row of the most common reason, whose detail names
+    the problem (e.g. the missing column and the `data.columns` override to set)."""
     if report.total == 0:
         raise DataError(f"{report.source} has no rows")
-    reasons = ", ".join(f"{r}: {n}" for r, n in _by_count(report.counts))
+    ranked = _by_count(report.counts)
+    reasons = ", ".join(f"{r}: {n}" for r, n in ranked)
+    example = report.examples.get(ranked[0][0]) if ranked else None
+    first = f"; first {ranked[0][0]}: {example}" if example else ""
     if report.bad_fraction > max_bad_fraction:
         raise DataError(
             f"{report.source}: {report.bad} of {report.total} rows ({100 * report.bad_fraction:.1f}%) were "
-            f"quarantined, above data.max_bad_fraction={max_bad_fraction}; see {report.path} ({reasons})"
+            f"quarantined, above data.max_bad_fraction={max_bad_fraction}; "
+            f"see {report.path} ({reasons}){first}"
         )
     if report.kept == 0:
         raise DataError(
-            f"{report.source}: none of its {report.total} rows is valid; see {report.path} ({reasons})"
+            f"{report.source}: none of its {report.total} rows is valid; see {report.path} ({reasons}){first}"
         )
