@@ -154,6 +154,9 @@ class TrackingConfig(_Strict):
     enabled: bool = True  # log to MLflow
     tracking_uri: str | None = None  # None = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the cwd
     experiment: str = "raydpo"  # MLflow experiment name
+    log_model: Literal["reference", "artifacts", "none"] = "reference"  # final model: its path as tags,
+    #   a copy in the run's artifacts (registrable from runs:/<id>/model), or nothing
+    system_metrics_s: float | None = Field(10.0, ge=0)  # rank 0 samples CPU/memory every N s; None/0 = off
 
 
 METHODS = ("dpo", "sft", "preferred_ft", "reward_model", "ppo", "ppo_gt")

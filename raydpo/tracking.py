@@ -1,22 +1,28 @@
 """The only module that talks to MLflow.
 
 Runs are found again by their run directory, so a restarted or resumed run keeps logging to the
-same MLflow run instead of opening a second one. Secrets never reach MLflow: params come from the
+same MLflow run instead of opening a second one. A local store's path is made absolute once, on the
+driver, and its experiments keep their artifacts next to it. Secrets never reach MLflow: params come from the
 config (which holds no credentials) and tags are set here explicitly.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+import psutil
 import ray
-from mlflow.entities import Metric, Param
+import torch
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.tracking import MlflowClient
 
 from raydpo import __version__
@@ -28,9 +34,28 @@ KIND_TAG = "raydpo.kind"
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
-    """Config first, then $MLFLOW_TRACKING_URI, then a SQLite file in the working directory."""
-    uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    """Config first, then $MLFLOW_TRACKING_URI, then a SQLite file in the working directory; a local
+    store's path is made absolute here, on the driver, before Ray or Tune change directory."""
+    uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    return absolute_uri(uri)
+
+
+def absolute_uri(uri: str) -> str:
+    """`sqlite:///rel.db` → `sqlite:////abs/rel.db`, a bare or file: path → absolute; others unchanged."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    if uri.startswith("file:") or "://" not in uri:
+        return Path(uri.removeprefix("file://").removeprefix("file:")).resolve().as_uri()
+    return uri
+
+
+def store_dir(uri: str) -> Path | None:
+    """The folder of a local store (SQLite file or file store), None for a server."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).parent
+    if uri.startswith("file:"):
+        return Path(uri.removeprefix("file://").removeprefix("file:"))
+    return None
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -48,12 +73,58 @@ def _client(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
 
 
-def git_revision() -> str | None:
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The experiment's id, creating it if needed. With a local store its artifacts go next to the
+    store (`<store dir>/mlartifacts`), not into whatever the working directory is."""
+    exp = client.get_experiment_by_name(name)
+    if exp:
+        return exp.experiment_id
+    root = store_dir(client.tracking_uri)
+    location = (root / "mlartifacts").as_uri() if root else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+def runs_table_url(uri: str, exp_id: str) -> str:
+    """Where the experiment's runs table opens (MLflow 3 opens an experiment on another tab)."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{exp_id}/runs"
+
+
+def ui_hint(uri: str, experiment: str) -> str:
+    """One line: how to look at the runs in the MLflow UI."""
+    exp = _client(uri).get_experiment_by_name(experiment)
+    where = runs_table_url(uri, exp.experiment_id) if exp else uri
+    if uri.startswith(("http://", "https://")):
+        return f"MLflow: runs table at {where}"
+    return f"MLflow: store {uri}; see it with `mlflow ui --backend-store-uri {uri}` then open {where}"
+
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def code_revision() -> dict[str, str]:
+    """Tags naming the code that ran: the git commit of raydpo's own checkout (with `-dirty` when it
+    has uncommitted changes), else nothing; and always a digest of raydpo's source files."""
+    tags = {"raydpo.source_digest": source_digest()}
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        head = subprocess.run(["git", "-C", str(PACKAGE_DIR), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=5)  # fmt: skip
+        if head.returncode == 0 and head.stdout.strip():
+            dirty = subprocess.run(["git", "-C", str(PACKAGE_DIR), "status", "--porcelain", "--", "."],
+                                   capture_output=True, text=True, timeout=5).stdout.strip()  # fmt: skip
+            tags["git.revision"] = head.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+        pass
+    return tags
+
+
+def source_digest() -> str:
+    """sha256 (first 16 hex digits) over raydpo's .py files, by relative path: the code that ran,
+    also where there is no git checkout (an installed wheel, a cluster image)."""
+    h = hashlib.sha256()
+    for f in sorted(PACKAGE_DIR.rglob("*.py")):
+        h.update(str(f.relative_to(PACKAGE_DIR)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 # Config sections every run logs as params; a method adds its own (Method.params: DPO's loss, PPO's ppo).
@@ -68,12 +139,10 @@ def run_tags(cfg: RunConfig, kind: str, sections: tuple[str, ...] = ()) -> dict[
         "raydpo.version": __version__,
         "ray.version": ray.__version__,
         "num_workers": str(cfg.scaling.num_workers),
+        **code_revision(),
     }
     if "loss" in sections:  # the DPO family: sortable by loss and β
         tags.update(loss="+".join(cfg.loss.names), beta=str(cfg.loss.beta))
-    rev = git_revision()
-    if rev:
-        tags["git.revision"] = rev
     return tags
 
 
@@ -83,8 +152,7 @@ def find_or_create_run(
     """The MLflow run tagged with this run directory: the existing one (set RUNNING again), else a new
     run with these tags and params. One directory, one run: restarts never duplicate runs."""
     client = _client(tracking_uri(tracking))
-    exp = client.get_experiment_by_name(tracking.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(tracking.experiment)
+    exp_id = experiment_id(client, tracking.experiment)
     key = str(Path(run_dir).resolve())
     found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_DIR_TAG}` = '{key}'", max_results=1)
     if found:
@@ -99,8 +167,8 @@ def find_or_create_run(
 
 def start_or_resume_run(
     cfg: RunConfig, method, kind: str = "train", parent_run_id: str | None = None,
-    tags: dict[str, str] | None = None,
-) -> str | None:
+    tags: dict[str, str] | None = None, run_name: str | None = None,
+) -> str | None:  # fmt: skip
     """The MLflow run of this training run (None when tracking is off). Params: the common config
     sections and the method's own (`method.params`), not the whole tree (config.yaml has it all)."""
     if not cfg.tracking.enabled:
@@ -110,19 +178,36 @@ def start_or_resume_run(
         tags["mlflow.parentRunId"] = parent_run_id
     full = config_to_dict(cfg)
     params = flatten({k: full[k] for k in COMMON_SECTIONS + tuple(method.params)})
-    return find_or_create_run(cfg.tracking, cfg.run_dir, cfg.run_name, tags, params)
+    return find_or_create_run(cfg.tracking, cfg.run_dir, run_name or cfg.run_name, tags, params)
 
 
 def _param(v: Any) -> str:
     return str(v)[:6000]
 
 
+def dataset_digest(source: str) -> str:
+    """sha256 (first 16 hex digits) of a local file's bytes, of a directory's file names and sizes,
+    or of the name itself (builtin and hub sources)."""
+    h, path = hashlib.sha256(), Path(source)
+    if path.is_file():
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    elif path.is_dir():
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(f"{f.relative_to(path)}:{f.stat().st_size}".encode())
+    else:
+        h.update(source.encode())
+    return h.hexdigest()[:16]
+
+
 class RunLogger:
     """Logs step metrics and artifacts to one MLflow run (used on rank 0 and on the driver)."""
 
     def __init__(self, uri: str, run_id: str | None):
-        self.run_id = run_id
+        self.uri, self.run_id = uri, run_id
         self.client = _client(uri) if run_id else None
+        self._sampler: _SystemMetrics | None = None
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.client:
@@ -141,9 +226,92 @@ class RunLogger:
             self.client.log_table(self.run_id, data={k: [r.get(k) for r in rows] for k in rows[0]},
                                   artifact_file=artifact_file)  # fmt: skip
 
+    def set_description(self, text: str) -> None:
+        """The run's description (the Markdown note at the top of its page in the UI)."""
+        if self.client:
+            self.client.set_tag(self.run_id, "mlflow.note.content", text)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.client:
+            for k, v in tags.items():
+                self.client.set_tag(self.run_id, k, v)
+
+    def log_dataset(self, source: str, context: str, profile: dict[str, Any]) -> None:
+        """The data a run read, as an MLflow dataset input: source, digest, and a profile (rows kept
+        and quarantined). Logged once per (digest, context): a resumed run does not add it again."""
+        if not self.client:
+            return
+        digest = dataset_digest(source)
+        logged = self.client.get_run(self.run_id).inputs.dataset_inputs
+        if any(d.dataset.digest == digest for d in logged):
+            return
+        kind = "builtin" if source.startswith("builtin:") else "local" if Path(source).exists() else "hf"
+        where = source if kind != "local" else str(Path(source).resolve())
+        ds = Dataset(name=Path(source).name or source, digest=digest, source_type=kind,
+                     source=json.dumps({"uri": where}), profile=json.dumps(profile))  # fmt: skip
+        self.client.log_inputs(self.run_id, [DatasetInput(ds, [InputTag("mlflow.data.context", context)])])
+
+    def log_model(self, final_dir: Path, mode: str) -> None:
+        """The final model: "reference" tags its absolute location (file URI) and logs its config.json;
+        "artifacts" copies the whole directory into the run's artifacts under model/ (registrable from
+        `runs:/<run id>/model`); "none" does neither."""
+        if not self.client or mode == "none":
+            return
+        self.set_tags({"raydpo.final_model": str(final_dir), "raydpo.final_model_uri": final_dir.as_uri()})
+        if mode == "artifacts":
+            self.client.log_artifacts(self.run_id, str(final_dir), "model")
+        else:
+            self.log_artifact(final_dir / "config.json", "final_model")
+
+    def start_system_metrics(self, interval_s: float | None) -> None:
+        """Sample this process's and its machine's CPU and memory every `interval_s` seconds into
+        system/* metrics (and once more at `finish`); None or 0 = off."""
+        if self.client and interval_s:
+            self._sampler = _SystemMetrics(self.uri, self.run_id, interval_s)
+
     def finish(self, status: str = "FINISHED") -> None:
+        if self._sampler:
+            self._sampler.stop()
+            self._sampler = None
         if self.client:
             self.client.set_terminated(self.run_id, status=status)
+
+
+class _SystemMetrics:
+    """A daemon thread logging system/cpu_utilization_percentage, system/system_memory_usage_megabytes,
+    system/process_rss_megabytes (and system/gpu_max_memory_allocated_megabytes on CUDA), with its
+    own MLflow client (it runs beside the training loop's)."""
+
+    def __init__(self, uri: str, run_id: str, interval_s: float):
+        self.client, self.run_id, self.interval = _client(uri), run_id, interval_s
+        self.proc, self.step = psutil.Process(), 0
+        self._stop = threading.Event()
+        psutil.cpu_percent(None)  # the first call only starts the measurement interval
+        self._thread = threading.Thread(target=self._run, daemon=True, name="raydpo-system-metrics")
+        self._thread.start()
+
+    def _sample(self) -> None:
+        now = int(time.time() * 1000)
+        values = {
+            "system/cpu_utilization_percentage": psutil.cpu_percent(None),
+            "system/system_memory_usage_megabytes": psutil.virtual_memory().used / 2**20,
+            "system/process_rss_megabytes": self.proc.memory_info().rss / 2**20,
+        }
+        if torch.cuda.is_available():
+            values["system/gpu_max_memory_allocated_megabytes"] = torch.cuda.max_memory_allocated() / 2**20
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(k, float(v), now, self.step) for k, v in values.items()]
+        )
+        self.step += 1
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._sample()
 
 
 def close_stopped_children(uri: str, parent_run_id: str) -> int:

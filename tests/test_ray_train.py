@@ -43,7 +43,17 @@ def test_two_workers_checkpoints_final_model_and_mlflow(ray_local, run_cfg, tmp_
         assert [m.step for m in hist] == [1, 2, 3, 4], k
     assert [m.step for m in client.get_metric_history(r.info.run_id, "eval/loss")] == [0, 2, 4]
     arts = {a.path for a in client.list_artifacts(r.info.run_id)}
-    assert {"config.yaml", "data_report.json"} <= arts
+    assert {"config.yaml", "data_report.json", "final_model"} <= arts
+    # Self-describing: dataset input with its profile, system metrics, description, code and model.
+    (ds,) = [d for d in r.inputs.dataset_inputs if d.tags[0].value == "training"]
+    profile = __import__("json").loads(ds.dataset.profile)
+    assert ds.dataset.source_type == "builtin" and profile["kept"] + profile["quarantined"] == profile["rows"]
+    assert client.get_metric_history(r.info.run_id, "system/cpu_utilization_percentage")
+    assert client.get_metric_history(r.info.run_id, "system/process_rss_megabytes")
+    assert "sigmoid" in r.data.tags["mlflow.note.content"] and "4 steps" in r.data.tags["mlflow.note.content"]
+    assert len(r.data.tags["raydpo.source_digest"]) == 16
+    assert r.data.tags["raydpo.final_model"] == str(run_dir / "final")
+    assert "loss.beta" in r.data.params and not any(k.startswith("ppo.") for k in r.data.params)
 
 
 def test_two_workers_batch4_equal_one_worker_batch8(ray_local, run_cfg):

@@ -163,3 +163,47 @@ def test_impossible_resources_fail_before_any_trial(ray_local, tmp_path):
     sweep, base = load_sweep(write(tmp_path, {**GOOD, "trial": {"num_workers": 64}}))
     with pytest.raises(UserError, match="each trial needs 64 CPU"):
         check_resources(sweep, base)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_default_store_holds_every_trial_in_the_working_directory(ray_local, tmp_path, tiny_llama_dir, monkeypatch):
+    """No tracking settings, relative output_dir, run from a temporary working directory: every trial's
+    run is in ./mlflow.db under the parent (Tune runs trials in folders of their own), with readable
+    names, and every artifact lies inside the working directory."""
+    from mlflow.tracking import MlflowClient
+
+    from raydpo.sweep import run_sweep
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    base = {**BASE, "model": {"policy": str(tiny_llama_dir)},
+            "train": {"batch_size": 4, "max_steps": 2, "output_dir": "runs"}, "data": {**BASE["data"]}}  # fmt: skip
+    sweep = {"search": {"loss.name": {"grid": ["sigmoid", "hinge"]}}, "metric": "loss"}
+    lines: list[str] = []
+    out = run_sweep(str(write(tmp_path, sweep, base)), log=lines.append)
+    assert out["failed"] == 0
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("raydpo")
+    assert exp.artifact_location.startswith((tmp_path / "mlartifacts").as_uri())
+    runs = client.search_runs([exp.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags["raydpo.kind"] == "sweep"]
+    trials = [r for r in runs if r.data.tags["raydpo.kind"] == "trial"]
+    assert len(trials) == 2 and all(t.data.tags["mlflow.parentRunId"] == parent.info.run_id for t in trials)
+    assert sorted(t.info.run_name for t in trials) == ["hinge", "sigmoid"]  # named by their swept values
+    for r in runs:
+        assert r.info.artifact_uri.startswith(tmp_path.as_uri()), r.info.artifact_uri
+        assert client.list_artifacts(r.info.run_id)
+    assert not list(tmp_path.parent.glob("mlartifacts")) and (tmp_path / "runs" / "s" / "trials").is_dir()
+    assert any(x.startswith("best trial ") for x in lines) and any("mlflow ui --backend-store-uri" in x for x in lines)
+    assert any("/#/experiments/" in x and x.endswith("/runs") for x in lines)
+
+
+def test_metric_names_come_from_the_base_configs_method(tmp_path):
+    """A reward-model sweep may rank by the reward model's own metrics; DPO's names are not offered."""
+    base = {"method": "reward_model", "model": {"policy": "builtin:tiny-llama"},
+            "data": {"eval_fraction": 0.2}, "train": {"eval_every": 2}}  # fmt: skip
+    sweep, _ = load_sweep(write(tmp_path, {**GOOD, "metric": "eval/rewards/accuracies", "mode": "max"}, base))
+    assert sweep.metric == "eval/rewards/accuracies"
+    with pytest.raises(ConfigError, match="not reported by method sft"):
+        load_sweep(write(tmp_path, {**GOOD, "metric": "rewards/margins"}, {**base, "method": "sft"}))

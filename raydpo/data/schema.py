@@ -1,6 +1,6 @@
 """The canonical preference record that every input shape is turned into.
 
-Input shapes (DESIGN.md, "Preference records"):
+Input shapes (README.md, "Preference data"):
 - standard:        {"prompt": str, "chosen": str, "rejected": str}
 - conversational:  the same keys, each a list of {"role", "content"} messages; rendered to text
                    with the tokenizer's chat template.

@@ -1,6 +1,6 @@
 """Validation: every row becomes a PreferenceRecord or a quarantine line with a reason.
 
-`canonicalize` turns one row of any accepted shape (DESIGN.md, "Preference records") into text:
+`canonicalize` turns one row of any accepted shape (README.md, "Preference data") into text:
 - standard:        prompt / chosen / rejected strings, kept as they are;
 - conversational:  lists of {"role", "content"} messages, rendered with the tokenizer's chat
                    template; the response text is what prompt + response adds to the rendered

@@ -16,10 +16,11 @@ import sys
 from pathlib import Path
 
 import ray.train
+import yaml
 from ray.data import ExecutionOptions
 from ray.train.torch import TorchTrainer
 
-from raydpo.config import RunConfig, dump_config
+from raydpo.config import RunConfig, config_to_dict, dump_config, flatten
 from raydpo.data.pipeline import preflight as data_preflight
 from raydpo.data.pipeline import prepare_dataset
 from raydpo.data.prompts import read_prompts
@@ -31,9 +32,89 @@ from raydpo.engine.session import start_ray
 from raydpo.engine.worker import train_loop_per_worker
 from raydpo.errors import UserError
 from raydpo.models.loading import load_tokenizer, resolve_model_path
-from raydpo.tracking import RunLogger, check_reachable, start_or_resume_run, tracking_uri
+from raydpo.tracking import (
+    RunLogger,
+    absolute_uri,
+    check_reachable,
+    start_or_resume_run,
+    tracking_uri,
+    ui_hint,
+)
 
 REPORT_POLL_S = "0.2"  # seconds between Ray Train controller polls (see ray_train_configs)
+
+
+def in_ray_job() -> bool:
+    """True inside `ray job submit --working-dir`: the working directory is Ray's temporary copy."""
+    return "runtime_resources" in Path.cwd().parts
+
+
+def output_root() -> Path:
+    """Where relative outputs go: the working directory, or under a Ray job $RAYDPO_HOME (default
+    ~/raydpo), since Ray deletes its copy of the working directory after the job."""
+    return Path(os.environ.get("RAYDPO_HOME", Path.home() / "raydpo")) if in_ray_job() else Path.cwd()
+
+
+def resolve_paths(cfg: RunConfig, log=print) -> RunConfig:
+    """Every location made absolute once, here on the driver, before Ray or Tune run anything (Tune
+    runs trials in other working directories): outputs (train.output_dir, data.quarantine_path, a
+    local tracking store) against `output_root()`, local inputs (model, data, reward model) against
+    the working directory."""
+    root = output_root()
+
+    def out(p: str | None) -> str | None:
+        return None if p is None else str((root / Path(p).expanduser()).resolve())
+
+    def inp(p: str | None) -> str | None:
+        local = p is not None and not p.startswith("builtin:") and Path(p).expanduser().exists()
+        return str(Path(p).expanduser().resolve()) if local else p
+
+    default_store = f"sqlite:///{root / 'mlflow.db'}"
+    uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_store
+    local = uri.removeprefix("sqlite:///").removeprefix("file://").removeprefix("file:")
+    outputs = (cfg.train.output_dir, cfg.data.quarantine_path)
+    relative = [p for p in outputs if p and not Path(p).is_absolute()]
+    if (local != uri or "://" not in uri) and not Path(local).is_absolute():  # a local store, relative
+        uri = uri[: len(uri) - len(local)] + str((root / local).resolve())
+        relative.append(local)
+    if in_ray_job() and (relative or not cfg.tracking.tracking_uri):
+        log(f"running under `ray job submit --working-dir`: relative outputs go to {root}, not into Ray's "
+            "temporary copy of the working directory (set RAYDPO_HOME, train.output_dir or "
+            "tracking.tracking_uri to choose)")  # fmt: skip
+    m, d = cfg.model, cfg.data
+    return cfg.model_copy(update={
+        "model": m.model_copy(update={"policy": inp(m.policy), "reference": inp(m.reference),
+                                      "tokenizer": inp(m.tokenizer)}),
+        "data": d.model_copy(update={"source": inp(d.source), "eval_source": inp(d.eval_source),
+                                     "quarantine_path": out(d.quarantine_path)}),
+        "train": cfg.train.model_copy(update={"output_dir": out(cfg.train.output_dir)}),
+        "tracking": cfg.tracking.model_copy(update={"tracking_uri": absolute_uri(uri)}),
+        "ppo": cfg.ppo.model_copy(update={"reward_model": inp(cfg.ppo.reward_model)}),
+    })  # fmt: skip
+
+
+def check_run_dir(cfg: RunConfig, resume: bool, log=print) -> None:
+    """A run directory holds one config. Another config is refused unless `resume` (then the old
+    config.yaml is kept as config.<n>.yaml beside the new one); the same config resumes silently."""
+    path = cfg.run_dir / "config.yaml"
+    if path.is_file():
+        old = flatten(yaml.safe_load(path.read_text()) or {})
+        new = flatten(config_to_dict(cfg))
+        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        if diff and not resume:
+            shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])
+            more = f" (+{len(diff) - 6} more)" if len(diff) > 6 else ""
+            raise UserError(
+                f"{cfg.run_dir} holds a run trained with another config ({shown}{more}); "
+                "pass --resume to continue it with this config, or choose another run_name"
+            )
+        if diff:
+            n = 1 + sum(1 for _ in cfg.run_dir.glob("config.*.yaml"))
+            os.replace(path, cfg.run_dir / f"config.{n}.yaml")
+            changed = ", ".join(diff)
+            log(f"resuming {cfg.run_name} with a changed config ({changed}); the old one is config.{n}.yaml")
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, path)
 
 
 def preflight(cfg: RunConfig, check_data: bool = True):
@@ -91,22 +172,23 @@ def export_final(checkpoint_dir: Path, tokenizer, target: Path) -> Path:
 
 
 def run(
-    cfg: RunConfig, method: Method, log=print, *, prepared=None, kind: str | None = None,
-    parent_run_id: str | None = None, tags: dict[str, str] | None = None, callbacks: list | None = None,
-    stream=sys.stderr,
+    cfg: RunConfig, method: Method, log=print, *, resume: bool = False, prepared=None, kind=None,
+    parent_run_id: str | None = None, tags: dict[str, str] | None = None, label: str | None = None,
+    callbacks: list | None = None, stream=sys.stderr,
 ) -> dict:  # fmt: skip
     """Train `cfg` with `method` on Ray Train and export the final model to <run_dir>/final.
 
-    A sweep trial passes `prepared` (datasets tokenized once for the whole sweep), its kind, the
-    sweep's parent MLflow run, its swept values as tags, and Tune's report callback.
+    `resume` continues a run directory that holds another config. A sweep trial passes `prepared`
+    (datasets tokenized once for the whole sweep), its kind, the sweep's parent MLflow run, its swept
+    values as tags, a readable MLflow run name (`label`), and Tune's report callback.
     Returns {run_dir, final_model, history, mlflow_run_id, total_steps}.
     """
+    cfg = resolve_paths(cfg, log)
     if method.check:
         method.check(cfg)
     prompts_only = method.data == "prompts"
     tokenizer = preflight(cfg, check_data=not prompts_only)
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, cfg.run_dir / "config.yaml")
+    check_run_dir(cfg, resume, log)
     start_ray(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1)
     loop_config: dict = {
         "method": method,
@@ -127,13 +209,17 @@ def run(
     per_epoch = steps_per_epoch(cfg, method, n_rows)
     steps = cfg.train.max_steps or per_epoch * cfg.train.epochs
     uri = tracking_uri(cfg.tracking)
-    run_id = start_or_resume_run(
-        cfg, method, kind=kind or method.kind, parent_run_id=parent_run_id, tags=tags
-    )
+    run_id = start_or_resume_run(cfg, method, kind or method.kind, parent_run_id, tags, label)
     driver_log = RunLogger(uri, run_id)
     driver_log.log_artifact(cfg.run_dir / "config.yaml")
-    for r in reports:
+    for r, context in zip(reports, ("training", "eval")):
         driver_log.log_artifact(r.path, "quarantine") if r.path else None
+        profile = {"rows": r.total, "kept": r.kept, "quarantined": r.bad, "reasons": r.counts}
+        driver_log.log_dataset(r.source, context, profile)
+    if prompts_only:
+        driver_log.log_dataset(
+            cfg.data.source, "training", {"rows": n_rows, "kept": n_rows, "quarantined": 0}
+        )
     if reports:
         _write_report(cfg, reports, driver_log)
     where = f", MLflow run {run_id}" if run_id else ""
@@ -151,11 +237,37 @@ def run(
         driver_log.finish("FAILED")
         raise
     final = export_final(Path(result.checkpoint.path), tokenizer, cfg.run_dir / "final")
-    driver_log.log_artifact(cfg.run_dir / "final" / "config.json", "final_model")
+    driver_log.log_model(final, cfg.tracking.log_model)
+    summary = describe(cfg, method, n_rows, steps, progress.history)
+    driver_log.set_description(summary)
     driver_log.finish()
+    log(summary)
     log(f"final model: {final}")
+    if run_id:
+        log(ui_hint(uri, cfg.tracking.experiment))
     return {"run_dir": str(cfg.run_dir), "final_model": str(final), "history": progress.history,
             "mlflow_run_id": run_id, "total_steps": steps}  # fmt: skip
+
+
+def describe(cfg: RunConfig, method: Method, n_rows: int, steps: int, history: list[dict]) -> str:
+    """One paragraph for the console and the MLflow run's description: what, on what, with what result."""
+    what = f"{'+'.join(cfg.loss.names)} (beta {cfg.loss.beta:g})" if "loss" in method.params else cfg.method
+    per_worker = cfg.ppo.rollout_batch_size if method.data == "prompts" else cfg.train.batch_size
+    text = (f"{what} on {cfg.model.policy}, data {cfg.data.source} ({n_rows} {method.data}), {steps} steps "
+            f"of {per_worker} per worker x {cfg.scaling.num_workers} worker(s), lr {cfg.optim.lr:g}, "
+            f"seed {cfg.train.seed}.")  # fmt: skip
+    last = next((h for h in reversed(history) if "loss" in h), None)
+    if last:
+        shown = ", ".join(f"{k} {last[k]:.4g}" for _, k in method.progress if k in last)
+        text += f" Last logged step {last['step']}: {shown}."
+    evals = next((h for h in reversed(history) if any(k.startswith("eval/") for k in h)), None)
+    if evals:
+        text += (
+            " Eval split: "
+            + ", ".join(f"{k} {v:.4g}" for k, v in evals.items() if k.startswith("eval/"))
+            + "."
+        )
+    return text
 
 
 def _write_report(cfg: RunConfig, reports, driver_log) -> None:

@@ -93,11 +93,12 @@ def train_loop_per_worker(config: dict) -> None:
         return make("train"), (make("eval") if config["has_eval"] else None)
 
     queue = config.get("progress")
+    logger = RunLogger(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else None
+    if logger:
+        logger.start_system_metrics(cfg.tracking.system_metrics_s)  # this worker's machine and process
     ctx = WorkerContext(
         rank=rank, world=world, prepare=lambda p, r: dist_utils.prepare(p, r, cfg.scaling), sources=sources,
-        report=report,
-        logger=RunLogger(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else None,
-        progress=queue.put_nowait if queue is not None and rank == 0 else None,
+        report=report, logger=logger, progress=queue.put_nowait if queue is not None and rank == 0 else None,
     )  # fmt: skip
     trainer = Trainer(cfg, method, ctx, config["total_steps"], config["mlflow_run_id"])
     ckpt = ray.train.get_checkpoint()

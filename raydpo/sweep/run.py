@@ -37,13 +37,21 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from raydpo.config import RunConfig, _describe, _Strict, apply_overrides, build_config, read_yaml
-from raydpo.engine.launch import build_datasets, preflight
+from raydpo.config import (
+    RunConfig,
+    _describe,
+    _Strict,
+    apply_overrides,
+    build_config,
+    config_to_dict,
+    read_yaml,
+)
+from raydpo.engine.launch import build_datasets, preflight, resolve_paths
 from raydpo.engine.session import start_ray
 from raydpo.errors import ConfigError, UserError
 from raydpo.methods import METHODS, get_method, train
 from raydpo.sweep.report import summarize
-from raydpo.tracking import KIND_TAG, RunLogger, find_or_create_run, tracking_uri
+from raydpo.tracking import KIND_TAG, RunLogger, find_or_create_run, tracking_uri, ui_hint
 
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 SWEEP_FIELDS = set(
@@ -195,8 +203,21 @@ def shares_data(sweep: SweepConfig) -> bool:
 # ----------------------------------------------------------------------------- running
 
 
-def trial_main(params: dict, *, base: dict, sweep: dict, root: str, parent_run_id, prepared) -> None:
+def trial_label(params: dict[str, Any]) -> str:
+    """A readable MLflow run name for a trial: `sigmoid-b0.1-lr3e-4` from its swept values."""
+    short = {"loss.name": "", "loss.beta": "b", "optim.lr": "lr", "train.seed": "seed", "ppo.kl_coef": "kl"}
+    parts = []
+    for k, v in params.items():
+        value = f"{v:g}" if isinstance(v, float) else "+".join(v) if isinstance(v, list) else str(v)
+        parts.append(short.get(k, k.rsplit(".", 1)[-1] + "=") + value)
+    return "-".join(parts) or "trial"
+
+
+def trial_main(
+    params: dict, *, base: dict, sweep: dict, root: str, cwd: str, parent_run_id, prepared
+) -> None:
     """One Tune trial: this trial's config → one Ray Train run, its reports forwarded to Tune."""
+    os.chdir(cwd)  # Tune starts trials in their own folders: relative swept paths mean the user's
     trial = TrialScaling.model_validate(sweep["trial"])
     cfg = build_config(with_params(base, params, trial), f"sweep {sweep['name']}")
     trial_id = tune.get_context().get_trial_id()
@@ -208,11 +229,12 @@ def trial_main(params: dict, *, base: dict, sweep: dict, root: str, parent_run_i
         **{f"sweep.{k}": str(v) for k, v in params.items()},
     }
     train(cfg, log=lambda *_: None, prepared=prepared, kind="trial", parent_run_id=parent_run_id, tags=tags,
-          callbacks=[TuneReportCallback()], stream=None)  # fmt: skip
+          label=trial_label(params), callbacks=[TuneReportCallback()], stream=None)  # fmt: skip
 
 
 def progress_callback(sweep: SweepConfig, total: int, show):
     """A Tune callback that shows one line when a trial starts, finishes or fails."""
+
     class SweepProgress(tune.Callback):
         # Everything lives on the instance (no closure), and the console function is not pickled
         # with Tune's run config: Tune pickles its callbacks when it saves the experiment.
@@ -282,7 +304,8 @@ def _parent_run(sweep: SweepConfig, base_cfg: RunConfig, root: Path, path: str) 
 def run_sweep(path: str, overrides: list[str] = (), resume: bool = False, log=print) -> dict:
     """Validate the sweep file, run (or resume) it on Tune, log and print the summary."""
     sweep, base = load_sweep(path, list(overrides))
-    base = {**base, "run_name": sweep.name}
+    # Every path made absolute here, before Tune moves trials into folders of their own.
+    base = config_to_dict(resolve_paths(build_config({**base, "run_name": sweep.name}, f"{path}: base"), log))
     base_cfg = build_config(with_params(base, {}, sweep.trial), f"{path}: base")
     root = sweep_dir(sweep, base_cfg)
     tune_dir = root / "tune"
@@ -301,7 +324,7 @@ def run_sweep(path: str, overrides: list[str] = (), resume: bool = False, log=pr
     shared = shares_data(sweep) and method.data != "prompts"
     prepared = build_datasets(base_cfg, log, texts=method.data == "texts") if shared else None
     trainable = tune.with_resources(
-        tune.with_parameters(trial_main, base=base, sweep=sweep.model_dump(), root=str(root),
+        tune.with_parameters(trial_main, base=base, sweep=sweep.model_dump(), root=str(root), cwd=os.getcwd(),
                              parent_run_id=parent, prepared=prepared),
         {"CPU": 0.1},  # the trial function mostly waits; its Ray Train workers hold the CPUs
     )  # fmt: skip
@@ -321,7 +344,16 @@ def run_sweep(path: str, overrides: list[str] = (), resume: bool = False, log=pr
     root.mkdir(parents=True, exist_ok=True)
     with open(root / "tune_console.log", "a") as f, contextlib.redirect_stdout(f):
         results = tuner.fit()  # Tune's banner and tables go to the file; raydpo prints the summary
-    return summarize(sweep, base_cfg, results, parent, root, log)
+    out = summarize(sweep, base_cfg, results, parent, root, log)
+    ok = [r for r in out["rows"] if r["status"] == "OK"]
+    if ok:
+        best = ok[0]
+        model = root / "trials" / best["trial"] / "final"
+        log(f"best trial {best['trial']} ({trial_label({k: best[k] for k in sweep.search})}): "
+            f"{sweep.metric} {best[sweep.metric]:.4g}; model {model}")  # fmt: skip
+    if parent:
+        log(ui_hint(tracking_uri(base_cfg.tracking), base_cfg.tracking.experiment))
+    return out
 
 
 def _count_trials(sweep: SweepConfig) -> int:

@@ -1,0 +1,73 @@
+"""Run directories hold one config: a changed config is refused unless resumed explicitly; paths are absolute."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from raydpo.config import build_config, dump_config
+from raydpo.engine.launch import check_run_dir, resolve_paths
+from raydpo.errors import UserError
+
+
+def _cfg(tmp_path, **optim):
+    return build_config({"run_name": "r", "train": {"output_dir": str(tmp_path / "runs")},
+                         "optim": {"lr": 1e-3, **optim}})  # fmt: skip
+
+
+def test_changed_config_is_refused_with_the_differing_fields(tmp_path):
+    check_run_dir(_cfg(tmp_path), resume=False)  # a new run directory: config.yaml written
+    check_run_dir(_cfg(tmp_path), resume=False)  # the same config again: resumes silently
+    with pytest.raises(UserError, match=r"optim\.lr: 0\.001 -> 0\.0001.*--resume"):
+        check_run_dir(_cfg(tmp_path, lr=1e-4), resume=False)
+    saved = yaml.safe_load((tmp_path / "runs" / "r" / "config.yaml").read_text())
+    assert saved["optim"]["lr"] == 1e-3  # never overwritten next to weights trained with another config
+
+
+def test_explicit_resume_keeps_the_old_config_beside_the_new(tmp_path):
+    check_run_dir(_cfg(tmp_path), resume=False)
+    lines: list[str] = []
+    check_run_dir(_cfg(tmp_path, lr=1e-4), resume=True, log=lines.append)
+    run_dir = tmp_path / "runs" / "r"
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["lr"] == 1e-4
+    assert yaml.safe_load((run_dir / "config.1.yaml").read_text())["optim"]["lr"] == 1e-3
+    assert "optim.lr" in lines[0] and "config.1.yaml" in lines[0]
+
+
+def test_cli_refuses_a_changed_rerun_before_starting_ray(tmp_path, tiny_llama_dir):
+    cfg = build_config({"run_name": "r", "model": {"policy": str(tiny_llama_dir)},
+                        "train": {"output_dir": str(tmp_path / "runs")}})  # fmt: skip
+    dump_config(resolve_paths(cfg), tmp_path / "runs" / "r" / "config.yaml")
+    args = [f"model.policy={tiny_llama_dir}", "run_name=r", f"train.output_dir={tmp_path / 'runs'}"]
+    r = subprocess.run([sys.executable, "-m", "raydpo", "train", *args, "optim.lr=1e-4", "tracking.enabled=false"],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "another config" in r.stderr and "optim.lr" in r.stderr and "--resume" in r.stderr
+
+
+def test_paths_are_made_absolute_on_the_driver(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "pairs.jsonl").write_text("")
+    cfg = resolve_paths(build_config({"data": {"source": "pairs.jsonl", "quarantine_path": "q/bad.jsonl"},
+                                      "tracking": {"tracking_uri": "sqlite:///sub/m.db"}}))  # fmt: skip
+    assert cfg.data.source == str(tmp_path / "pairs.jsonl")
+    assert cfg.data.quarantine_path == str(tmp_path / "q" / "bad.jsonl")
+    assert cfg.train.output_dir == str(tmp_path / "runs")
+    assert cfg.tracking.tracking_uri == f"sqlite:///{tmp_path / 'sub' / 'm.db'}"
+    assert resolve_paths(build_config({})).tracking.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert resolve_paths(build_config({})).data.source == "builtin:tiny-prefs"  # not a path: unchanged
+
+
+def test_under_a_ray_job_relative_outputs_go_to_raydpo_home(tmp_path, monkeypatch):
+    job_dir = tmp_path / "session" / "runtime_resources" / "working_dir_files" / "x"
+    job_dir.mkdir(parents=True)
+    monkeypatch.chdir(job_dir)
+    monkeypatch.setenv("RAYDPO_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    lines: list[str] = []
+    cfg = resolve_paths(build_config({}), log=lines.append)
+    assert cfg.train.output_dir == str(tmp_path / "home" / "runs")
+    assert cfg.tracking.tracking_uri == f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}"
+    assert lines and "ray job submit" in lines[0] and str(tmp_path / "home") in lines[0]
