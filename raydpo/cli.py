@@ -91,9 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sweep", help="run a sweep file on Ray Tune (one Ray Train run per trial)")
     s.add_argument("sweep_file", help="YAML sweep definition, e.g. sweeps/sentiment.yaml")
     s.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
-    s.add_argument(
-        "overrides", nargs="*", help="sweep fields (num_samples=2) or base config keys (train.max_steps=8)"
-    )
+    # default=[]: otherwise argparse lists `overrides` as required too when the sweep file is missing
+    s.add_argument("overrides", nargs="*", default=[],
+                   help="sweep fields (num_samples=2) or base config keys (train.max_steps=8)")  # fmt: skip
     s.set_defaults(func=_cmd_sweep)
 
     e = sub.add_parser("eval", help="sample policies, judge them against baselines, log win rates to MLflow")

@@ -187,7 +187,7 @@ def results_rows(results: dict, meta: dict) -> list[dict]:
     for name, m in meta.items():
         r = results[name][1.0]
         wins = {"win_vs_sft": r.get("winrate/vs_sft"), "win_vs_ppo": r.get("winrate/vs_ppo")}
-        rows.append({"policy": name, **m, "reward": r.get("reward/mean"), "kl": r["kl"], **wins})
+        rows.append({"policy": name, **m, "reward": r.get("reward/gt_mean"), "kl": r["kl"], **wins})
     return rows
 
 

@@ -144,3 +144,14 @@ def test_eval_without_a_config_says_the_config_is_missing(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith("usage: raydpo eval")  # argparse's usage line, then the one error line
     assert err[1:] == ["raydpo eval: error: the following arguments are required: config"]
+
+
+def test_sweep_without_a_sweep_file_says_the_sweep_file_is_missing(capsys):
+    from raydpo.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["sweep"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("usage: raydpo sweep")  # argparse's usage line, then the one error line
+    assert err[1:] == ["raydpo sweep: error: the following arguments are required: sweep_file"]

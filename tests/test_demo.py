@@ -243,7 +243,7 @@ def test_best_of_n_baseline_run(demo):
 
     client, runs = _runs(demo[0])
     (bon,) = [r for r in runs if r.data.tags.get("eval.best_of_n") == "4"]
-    assert "reward/mean" in bon.data.metrics and 0 <= bon.data.metrics["winrate/vs_sft"] <= 1
+    assert "reward/gt_mean" in bon.data.metrics and 0 <= bon.data.metrics["winrate/vs_sft"] <= 1
     assert bon.data.metrics["kl"] == pytest.approx(math.log(4) - 3 / 4)
 
 

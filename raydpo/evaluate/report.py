@@ -18,7 +18,7 @@ def results_table(results: dict, baselines: list[str]) -> str:
     rows = []
     for name, by_t in results.items():
         for t, m in sorted(by_t.items()):
-            cells = [name, f"{t:g}", fmt_interval(m.get("reward/mean")), fmt_interval(m["kl"])]
+            cells = [name, f"{t:g}", fmt_interval(m.get("reward/gt_mean")), fmt_interval(m["kl"])]
             cells += [fmt_interval(m.get(f"winrate/vs_{b}")) for b in baselines]
             rows.append(cells)
     return format_table(cols, rows)
@@ -34,8 +34,8 @@ def plot_frontier(results: dict, path: Path, series: dict[str, str] | None = Non
     pts: dict[str, list[tuple[float, float]]] = {}
     for n, by_t in results.items():
         for m in by_t.values():
-            if "reward/mean" in m:
-                pts.setdefault(series.get(n, n), []).append((m["kl"].estimate, m["reward/mean"].estimate))
+            if "reward/gt_mean" in m:
+                pts.setdefault(series.get(n, n), []).append((m["kl"].estimate, m["reward/gt_mean"].estimate))
     if not pts:
         return None
     plt = pyplot()
@@ -55,21 +55,47 @@ def plot_frontier(results: dict, path: Path, series: dict[str, str] | None = Non
 
 
 def plot_winrates(results: dict, baselines: list[str], path: Path) -> Path | None:
-    """Win rate of each method against each baseline (first temperature), with 95% error bars."""
-    bars = [(n, b, m[f"winrate/vs_{b}"]) for n, by_t in results.items() for b in baselines
-            for t, m in sorted(by_t.items())[:1] if f"winrate/vs_{b}" in m]  # fmt: skip
-    if not bars:
+    """Win rate of each policy against each baseline, with 95% intervals: one panel per baseline,
+    one horizontal bar per policy (a bar per temperature when there are several), policies sorted
+    best first by win rate against the first baseline at the first temperature (the eval config's)."""
+    temps = sorted({t for by_t in results.values() for t in by_t})
+    panels = [b for b in baselines if any(f"winrate/vs_{b}" in m for by_t in results.values()
+                                          for m in by_t.values())]  # fmt: skip
+    if not panels:
         return None
+    t0 = next(t for by_t in results.values() for t in by_t)  # results keep the config's temperature order
+
+    def key(n: str) -> tuple:  # compared with the first baseline first, best first; then the rest
+        iv = results[n].get(t0, {}).get(f"winrate/vs_{panels[0]}")
+        return (0, -iv.estimate) if iv else (1, 0.0)
+
+    names = sorted(results, key=key)  # stable: ties keep the config's order
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    xs = range(len(bars))
-    ys = [iv.estimate for _, _, iv in bars]
-    err = [[y - iv.low for y, (_, _, iv) in zip(ys, bars)], [iv.high - y for y, (_, _, iv) in zip(ys, bars)]]
-    ax.bar(xs, ys, yerr=err, capsize=4)
-    ax.axhline(0.5, color="gray", linestyle="--", linewidth=1)
-    ax.set_xticks(list(xs), [f"{n}\nvs {b}" for n, b, _ in bars])
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("win rate (ties = ½)")
+    height = 0.8 / len(temps)  # the temperatures' bars share a policy's row
+    width = 0.6 + 0.07 * max(map(len, names)) + 3.8 * len(panels)  # room for the names, then the panels
+    rows_high = 0.32 * len(names) * max(1.0, 0.6 * len(temps))  # grows with the policies (and temperatures)
+    fig, axes = plt.subplots(1, len(panels), sharey=True, squeeze=False, figsize=(width, 1.3 + rows_high))
+    for ax, b in zip(axes[0], panels):
+        for j, t in enumerate(temps):
+            rows = [(i, results[n][t][f"winrate/vs_{b}"]) for i, n in enumerate(names)
+                    if f"winrate/vs_{b}" in results[n].get(t, {})]  # fmt: skip
+            ys = [i - 0.4 + height * (j + 0.5) for i, _ in rows]
+            xs = [iv.estimate for _, iv in rows]
+            err = [[iv.estimate - iv.low for _, iv in rows], [iv.high - iv.estimate for _, iv in rows]]
+            ax.barh(ys, xs, height=height * 0.9, xerr=err, capsize=2, label=f"temperature {t:g}",
+                    error_kw={"elinewidth": 1, "ecolor": "0.25"})  # fmt: skip
+        for i, n in enumerate(names):
+            if n == b:
+                ax.text(0.02, i, "(baseline)", va="center", fontsize="small", color="gray")
+        ax.axvline(0.5, color="gray", linestyle="--", linewidth=1)
+        ax.set_xlim(0, 1)
+        ax.set_title(f"vs {b}")
+        ax.set_xlabel("win rate (ties = ½)")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(range(len(names)), names)
+    axes[0][0].set_ylim(len(names) - 0.5, -0.5)  # best at the top
+    if len(temps) > 1:
+        axes[0][-1].legend(fontsize="small", loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

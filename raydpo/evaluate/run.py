@@ -17,10 +17,15 @@ An eval config (YAML):
     reward: vader                                      # ground-truth reward for mean reward (optional)
     temperatures: [0.0, 1.0]
 
-MLflow: one parent run (`raydpo.kind=eval`) holding the results table, the reward–KL frontier plot
-and the win-rate plot; one child run per policy, tagged with the policy's path and, when it came
-from a raydpo run, that run's id, with metrics `winrate/vs_<baseline>` (+ `_ci_low`, `_ci_high`),
-`reward/mean` and `kl` (+ intervals), logged at step = round(100 × temperature), and a sample table.
+MLflow: one parent run (`raydpo.kind=eval`) holding the results table (also its description), the
+reward–KL frontier plot and the win-rate plot, with metrics, per temperature step, `policies` (count)
+and `best/winrate/vs_<baseline>` (+ `_ci_low`, `_ci_high`: the best policy's); one child run per
+policy, tagged with the policy's path and `eval.method`, with params naming what it is (`method`,
+and, when it came from a raydpo run, that run's `loss.name`, `loss.beta`, `optim.lr`, `train.seed`,
+`ppo.kl_coef`, `ppo.kl_target` where it has them, and `source_run_id`; Best-of-N: `method=best_of_n`,
+`best_of_n`; a bare model directory: `method=unknown`), with metrics `winrate/vs_<baseline>`
+(+ `_ci_low`, `_ci_high`), `reward/gt_mean` and `kl` (+ intervals), logged at
+step = round(100 × temperature), and a sample table.
 
 A Best-of-N "policy" samples N completions from its policy per prompt and slot and keeps the one the
 reward model scores highest (the child run is tagged `eval.best_of_n` and `eval.reward_model`). Its
@@ -46,7 +51,7 @@ from raydpo.errors import ConfigError, UserError
 from raydpo.evaluate.generate import sample_policy
 from raydpo.evaluate.judges import make_judge
 from raydpo.evaluate.metrics import Interval, kl_from_samples, mean_interval, win_rate
-from raydpo.evaluate.report import plot_frontier, plot_winrates, results_table
+from raydpo.evaluate.report import fmt_interval, plot_frontier, plot_winrates, results_table
 from raydpo.models.rewards import get_reward
 from raydpo.models.scoring import score_texts
 from raydpo.tracking import KIND_TAG, RUN_DIR_TAG, RunLogger, _client, find_or_create_run, tracking_uri
@@ -177,7 +182,7 @@ def summarize_policy(rows: list[dict], t: float, reward, kl=None) -> dict:
         kl = kl_from_samples([r["logp_policy"] for r in rs], [r["logp_ref"] for r in rs])
     out = {"kl": kl}
     if reward is not None:
-        out["reward/mean"] = mean_interval(reward([r["completion"] for r in rs]))
+        out["reward/gt_mean"] = mean_interval(reward([r["completion"] for r in rs]))
     return out
 
 
@@ -194,9 +199,43 @@ def _interval_metrics(name: str, iv) -> dict[str, float]:
     return {name: iv.estimate, f"{name}_ci_low": iv.low, f"{name}_ci_high": iv.high}
 
 
+# Params of the training run that identify a policy, copied onto its eval run (those it has: a PPO run
+# has no loss.*, a DPO run no ppo.*), so eval runs can be sorted and compared by method and β.
+SOURCE_PARAMS = ("method", "loss.name", "loss.beta", "optim.lr", "train.seed", "ppo.kl_coef", "ppo.kl_target")
+
+
+def source_params(spec: str | BestOfNPolicy, source_run_id: str | None, source: dict[str, str]) -> dict:
+    """What an eval child run says its policy is: the source run's identifying params and its id;
+    Best-of-N: `method=best_of_n` and N; a bare model directory (no run): `method=unknown`."""
+    if isinstance(spec, BestOfNPolicy):
+        out = {"method": "best_of_n", "best_of_n": str(spec.best_of_n)}
+    elif source_run_id is None:
+        return {"method": "unknown"}
+    else:
+        out = {"method": "unknown", **{k: source[k] for k in SOURCE_PARAMS if k in source}}
+    if source_run_id is not None:
+        out["source_run_id"] = source_run_id  # Best-of-N: the run of the policy it samples
+    return out
+
+
+def _source_run(client, experiment: str, path: Path):
+    """The raydpo run whose run directory holds this model (path or its parent, for final/): looked
+    up in the eval's experiment first, then in every experiment of the store; None when none."""
+    source_dir = str(path.parent if path.name == "final" else path)
+    query = f"tags.`{RUN_DIR_TAG}` = '{source_dir}'"
+    exp = client.get_experiment_by_name(experiment)
+    own = [exp.experiment_id] if exp else []
+    others = [e.experiment_id for e in client.search_experiments() if e.experiment_id not in own]
+    for ids in (own, others):
+        found = client.search_runs(ids, filter_string=query, max_results=1) if ids else []
+        if found:
+            return found[0]
+    return None
+
+
 def _mlflow_child(cfg: EvalConfig, parent: str, name: str, path: Path, results: dict, samples: list[dict]):
     """One eval run per policy, linked to the run that produced it (by the run directory tag; for
-    Best-of-N, the run of the policy it samples)."""
+    Best-of-N, the run of the policy it samples), with that run's identifying params."""
     uri = tracking_uri(cfg.tracking)
     tags = {
         KIND_TAG: "eval",
@@ -207,20 +246,51 @@ def _mlflow_child(cfg: EvalConfig, parent: str, name: str, path: Path, results: 
     spec = cfg.policies[name]
     if isinstance(spec, BestOfNPolicy):
         tags.update({"eval.best_of_n": str(spec.best_of_n), "eval.reward_model": spec.reward_model})
-    client = _client(uri)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    source_dir = str(path.parent if path.name == "final" else path)
-    found = client.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_DIR_TAG}` = '{source_dir}'")
-    if found:
-        tags["eval.policy_run_id"] = found[0].info.run_id
+    source = _source_run(_client(uri), cfg.tracking.experiment, path)
+    if source is not None:
+        tags["eval.policy_run_id"] = source.info.run_id
+    params = source_params(spec, source and source.info.run_id, source.data.params if source else {})
+    tags["eval.method"] = params["method"]
     run_dir = Path(cfg.output_dir).resolve() / cfg.name / name
-    run_id = find_or_create_run(cfg.tracking, run_dir, f"{cfg.name}/{name}", tags, {"policy": str(path)})
+    params = {"policy": str(path), **params}
+    run_id = find_or_create_run(cfg.tracking, run_dir, f"{cfg.name}/{name}", tags, params)
     logger = RunLogger(uri, run_id)
     for t, metrics in results.items():
         logger.log_metrics(metrics, step=round(100 * t))
     logger.log_table(samples, "samples.json")
     logger.finish()
     return run_id
+
+
+def best_winrates(results: dict, baselines: list[str]) -> dict[float, dict[str, float]]:
+    """Per temperature: `policies` (count) and, per baseline, the best policy's win rate against it
+    (`best/winrate/vs_<b>` with its interval), the parent eval run's metrics."""
+    temps = sorted({t for by_t in results.values() for t in by_t})
+    out = {}
+    for t in temps:
+        m = {"policies": float(sum(t in by_t for by_t in results.values()))}
+        for b in baselines:
+            key = f"winrate/vs_{b}"
+            ivs = [by_t[t][key] for by_t in results.values() if key in by_t.get(t, {})]
+            if ivs:
+                m.update(_interval_metrics(f"best/{key}", max(ivs, key=lambda iv: iv.estimate)))
+        out[t] = m
+    return out
+
+
+def summary_note(cfg: EvalConfig, results: dict, table: str, n_prompts: int) -> str:
+    """The parent eval run's description (Markdown): what was compared, who wins, the results table."""
+    temps = ", ".join(f"{t:g}" for t in cfg.temperatures)
+    lines = [f"**{cfg.name}**: {len(results)} policies × {n_prompts} prompts × {cfg.n} samples, "
+             f"judge `{cfg.judge}`, temperatures {temps}.", ""]  # fmt: skip
+    t0 = cfg.temperatures[0]
+    for b in cfg.baselines:
+        key = f"winrate/vs_{b}"
+        wins = {n: by_t[t0][key] for n, by_t in results.items() if key in by_t[t0]}
+        if wins:
+            best = max(wins, key=lambda n: wins[n].estimate)
+            lines.append(f"- best vs {b} (temperature {t0:g}): {best}, win rate {fmt_interval(wins[best])}")
+    return "\n".join(lines + ["", "```", table, "```"])
 
 
 def run_eval(path: str, overrides: list[str] = (), log=print) -> dict:
@@ -275,6 +345,9 @@ def run_eval(path: str, overrides: list[str] = (), log=print) -> dict:
                     for t, m in results[n].items()}  # fmt: skip
             _mlflow_child(cfg, parent, n, p, flat, samples[n] or [{"prompt": "", "completion": ""}])
         logger = RunLogger(uri, parent)
+        for t, m in best_winrates(results, cfg.baselines).items():
+            logger.log_metrics(m, step=round(100 * t))
+        _client(uri).set_tag(parent, "mlflow.note.content", summary_note(cfg, results, table, len(prompts)))
         for f in [out_dir / "results.txt", *filter(None, plots)]:
             logger.log_artifact(f)
         logger.finish()
