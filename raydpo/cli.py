@@ -19,7 +19,7 @@ def _cmd_train(args) -> int:
     from raydpo.methods import train
 
     cfg = load_config(args.config, args.overrides)
-    train(cfg)
+    train(cfg, resume=args.resume)
     return 0
 
 
@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("config", nargs="?", help="YAML config; omitted = the built-in defaults")
     t.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. loss.beta=0.1")
+    t.add_argument("--resume", action="store_true",
+                   help="continue a run directory that holds a run with another config")  # fmt: skip
     t.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("sweep", help="run a sweep file on Ray Tune (one Ray Train run per trial)")
@@ -157,6 +159,9 @@ def quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--resume" in argv[1:]:  # `raydpo sweep FILE key=value --resume` and `... --resume key=value` alike
+        argv = [argv[0], "--resume", *(a for a in argv[1:] if a != "--resume")]
     args = parser.parse_args(argv)
     if (
         args.command == "train" and args.config and "=" in args.config

@@ -71,3 +71,19 @@ def test_under_a_ray_job_relative_outputs_go_to_raydpo_home(tmp_path, monkeypatc
     assert cfg.train.output_dir == str(tmp_path / "home" / "runs")
     assert cfg.tracking.tracking_uri == f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}"
     assert lines and "ray job submit" in lines[0] and str(tmp_path / "home") in lines[0]
+
+
+def test_resume_flag_is_accepted_before_or_after_overrides(monkeypatch):
+    import raydpo.methods
+    import raydpo.sweep
+    from raydpo.cli import main
+
+    seen: list = []
+    monkeypatch.setattr(raydpo.methods, "train", lambda cfg, resume=False: seen.append((cfg.optim.lr, resume)))
+    monkeypatch.setattr(raydpo.sweep, "run_sweep",
+                        lambda path, overrides, resume: seen.append((path, overrides, resume)) or {"failed": 0})  # fmt: skip
+    assert main(["train", "optim.lr=0.01", "--resume"]) == 0
+    assert main(["train", "--resume", "optim.lr=0.02"]) == 0
+    assert main(["sweep", "s.yaml", "--resume", "num_samples=2"]) == 0
+    assert main(["sweep", "s.yaml", "num_samples=3", "--resume"]) == 0
+    assert seen == [(0.01, True), (0.02, True), ("s.yaml", ["num_samples=2"], True), ("s.yaml", ["num_samples=3"], True)]
