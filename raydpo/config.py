@@ -8,12 +8,15 @@ error names the field path, the bad value and what is allowed (`ConfigError`, ex
 from __future__ import annotations
 
 import copy
+import difflib
 import os
+import types
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Tag, ValidationError, field_validator, model_validator
 
 from raydpo.errors import ConfigError
 from raydpo.losses import LOSSES, loss_params
@@ -214,17 +217,89 @@ class RunConfig(_Strict):
 # ----------------------------------------------------------------------------- loading
 
 
-def _describe(err: ValidationError, where: str) -> str:
-    """One line naming the first bad field, its value and what is allowed."""
+def _describe(err: ValidationError, where: str, model: type[BaseModel] = RunConfig) -> str:
+    """One line naming the first bad field, its value and what is allowed. An unknown key gets the
+    closest known key of its section (`did you mean ...?`), or the section's keys when none is close.
+    `model` is the class that was validated (a different error title is looked up among the strict models)."""
     e = err.errors()[0]
     path = ".".join(str(p) for p in e["loc"]) or "(top level)"
     msg = e["msg"].removeprefix("Value error, ")
     if e["type"] == "extra_forbidden":
-        return f"{where}: unknown key '{path}'"
+        return f"{where}: unknown key '{path}'{_key_hint(err, e['loc'], model)}"
     value = e.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
     extra = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     return f"{where}: {path}: {msg}{shown}{extra}"
+
+
+def _key_hint(err: ValidationError, loc: tuple, model: type[BaseModel]) -> str:
+    """`; did you mean 'optim.lr'?`, `; allowed in optim: ...`, or "" when the section is not a model."""
+    cls = model if err.title == model.__name__ else _strict_model(err.title)
+    section = _section_model(cls, loc) if cls is not None else None
+    if section is None:
+        return ""
+    keys = list(section.model_fields)
+    prefix = ".".join(str(p) for p in loc[:-1])
+    by_lower = {k.lower(): k for k in keys}
+    close = difflib.get_close_matches(str(loc[-1]).lower(), list(by_lower), n=1)
+    if close:
+        return f"; did you mean '{prefix + '.' if prefix else ''}{by_lower[close[0]]}'?"
+    shown = ", ".join(keys[:12]) + (f" (+{len(keys) - 12} more)" if len(keys) > 12 else "")
+    return f"; allowed {'in ' + prefix if prefix else 'at the top level'}: {shown}"
+
+
+def _strict_model(name: str) -> type[BaseModel] | None:
+    """The one strict config model (this module's, the sweep's, the eval's) of that class name."""
+    found, todo = [], [_Strict]
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if cls.__name__ == name:
+            found.append(cls)
+    return found[0] if len(found) == 1 else None
+
+
+def _members(tp: Any, tag: str | None = None) -> list[tuple[Any, str | None]]:
+    """(type, union tag) for each member of a type: Annotated, Optional and unions unwrapped."""
+    origin = get_origin(tp)
+    if origin is Annotated:
+        inner, *meta = get_args(tp)
+        tags = [m.tag for m in meta if isinstance(m, Tag)]
+        return _members(inner, tags[0] if tags else tag)
+    if origin in (Union, types.UnionType):
+        return [m for arg in get_args(tp) for m in _members(arg)]
+    return [(tp, tag)]
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _section_model(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The model whose keys `loc[-1]` was checked against: walk `loc[:-1]` through model fields, dict
+    values, list items and union tags. None when the path does not resolve to one model."""
+    tp: Any = model
+    for part in loc[:-1]:
+        members = _members(tp)
+        tagged = [t for t, tag in members if len(members) > 1 and part in (tag, getattr(t, "__name__", None))]
+        if tagged:  # a union member's tag (or class name) in the loc picks that member
+            tp = tagged[0]
+            continue
+        for t, _ in members:
+            args = get_args(t)
+            if _is_model(t) and part in t.model_fields:
+                tp = t.model_fields[part].annotation
+                break
+            if get_origin(t) is dict and isinstance(part, str) and len(args) == 2:
+                tp = args[1]
+                break
+            if get_origin(t) in (list, set, frozenset) and isinstance(part, int) and args:
+                tp = args[0]
+                break
+        else:
+            return None
+    models = [t for t, _ in _members(tp) if _is_model(t)]
+    return models[0] if len(models) == 1 else None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -276,18 +351,48 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
-def build_config(data: dict, where: str = "config") -> RunConfig:
+def build_config(data: dict, where: str = "config", overrides: Sequence[str] = ()) -> RunConfig:
+    """Validate `data` (from `where`, e.g. a file) with the `key.sub=value` overrides applied on top.
+
+    An error is blamed on the override that set the failing field (or a section above it), or, for a
+    section-level check the file alone passes, on the override(s) that changed that section; any other
+    on `where`. Overrides already applied to `data` may be passed again (applying them is idempotent)."""
+    overrides = list(overrides)
     try:
-        return RunConfig.model_validate(data)
+        return RunConfig.model_validate(apply_overrides(data, overrides))
     except ValidationError as e:
-        raise ConfigError(_describe(e, where)) from None
+        raise ConfigError(_describe(e, _culprit(e, data, overrides, where))) from None
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> RunConfig:
+def _culprit(err: ValidationError, data: dict, overrides: list[str], where: str) -> str:
+    """`override a.b=1` (or `overrides a=1 b=2`) when the overrides caused the first error, else `where`."""
+    loc = tuple(str(p) for p in err.errors()[0]["loc"])
+    keyed = [(text, tuple(parse_override(text)[0])) for text in overrides]
+    setting = [text for text, key in keyed if loc[: len(key)] == key]
+    if setting:  # the last one wins: it is the value that was validated
+        return f"override {setting[-1]}"
+    inside = [text for text, key in keyed if key[: len(loc)] == loc]
+    if not inside or _fails_at(data, loc):
+        return where
+    alone = [text for text in inside if _fails_at(data, loc, [text])]
+    blamed = alone or inside
+    return f"override {blamed[0]}" if len(blamed) == 1 else f"overrides {' '.join(blamed)}"
+
+
+def _fails_at(data: dict, loc: tuple[str, ...], overrides: list[str] = ()) -> bool:
+    try:
+        RunConfig.model_validate(apply_overrides(data, list(overrides)))
+    except ConfigError:  # this override alone does not apply: not the one to blame
+        return False
+    except ValidationError as e:
+        return any(tuple(str(p) for p in x["loc"]) == loc for x in e.errors())
+    return False
+
+
+def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> RunConfig:
     """Read YAML (or start from defaults when path is None), apply overrides, validate."""
     data = read_yaml(path) if path else {}
-    data = apply_overrides(data, list(overrides))
-    return build_config(data, str(path) if path else "config")
+    return build_config(data, str(path) if path else "config", overrides)
 
 
 def config_to_dict(cfg: RunConfig) -> dict:

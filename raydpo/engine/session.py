@@ -8,9 +8,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from pathlib import Path
 from urllib.parse import urlparse
 
 import ray
+from ray.exceptions import AuthenticationError
 
 from raydpo.errors import UserError
 
@@ -42,11 +44,62 @@ def start_ray(min_cpus: float = 0) -> None:
         kwargs.update(address="local", num_cpus=cpus, _node_ip_address="127.0.0.1")
     try:
         ray.init(**kwargs)
-    except (ConnectionError, RuntimeError) as e:
+    except (ConnectionError, RuntimeError, AuthenticationError) as e:
+        if ray.is_initialized():
+            ray.shutdown()
+        if address and _is_auth_failure(e):
+            raise UserError(_auth_message(address)) from None
         raise UserError(
             f"cannot start or join Ray ({address or 'local'}): {str(e).splitlines()[0]}"
         ) from None
     quiet_ray()
+
+
+# What Ray 2.60 says when a token is missing or wrong: AuthenticationError("Token authentication is
+# enabled but no authentication token was found") when RAY_AUTH_MODE=token has no token; gRPC status
+# UNAUTHENTICATED ("InvalidAuthToken: Authentication token is missing or incorrect", "Invalid or missing
+# authentication token") inside "Failed to connect to GCS", under ConnectionError("Failed to connect to
+# Ray cluster at ...") when the cluster wants a token the driver does not send.
+_AUTH_HINTS = ("unauthenticated", "authentication token", "invalidauthtoken", "auth token")
+
+
+def _is_auth_failure(e: BaseException) -> bool:
+    """Whether `e` or an exception it was raised from is Ray rejecting (or missing) an auth token."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, AuthenticationError):
+            return True
+        text = " ".join(str(a) for a in e.args).lower()
+        if any(h in text for h in _AUTH_HINTS):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _auth_message(address: str) -> str:
+    mode = os.environ.get("RAY_AUTH_MODE", "")
+    source = _token_source()
+    if mode == "token" and source:
+        return (
+            f"cannot join Ray at {address}: the cluster rejected the token in {source}; "
+            "use the cluster's token (ray get-auth-token on its head node)"
+        )
+    return (
+        f"cannot join Ray at {address}: the cluster requires a token; set RAY_AUTH_MODE=token and put "
+        "the token in RAY_AUTH_TOKEN or ~/.ray/auth_token (ray get-auth-token)"
+    )
+
+
+def _token_source() -> str | None:
+    """Where Ray reads a token from, in its order: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path and Path(path).expanduser().is_file():
+        return path
+    default = Path.home() / ".ray" / "auth_token"
+    return "~/.ray/auth_token" if default.is_file() else None
 
 
 def quiet_ray() -> None:
