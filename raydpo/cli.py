@@ -16,9 +16,10 @@ from raydpo.errors import UserError
 
 def _cmd_train(args) -> int:
     from raydpo.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # config errors show before torch, Ray load
     from raydpo.methods import train
 
-    cfg = load_config(args.config, args.overrides)
     train(cfg, resume=args.resume)
     return 0
 
@@ -56,11 +57,11 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_data_validate(args) -> int:
-    from raydpo.config import apply_overrides, build_config
+    from raydpo.config import build_config
     from raydpo.data.validate import chat_renderer, validate_source
 
-    data = apply_overrides({"data": {"source": args.source}}, [f"data.{o}" for o in args.overrides])
-    cfg = build_config(data, "data validate")
+    overrides = [f"data.{o}" for o in args.overrides]
+    cfg = build_config({"data": {"source": args.source}}, "data validate", overrides)
     render = None
     if args.tokenizer:
         from raydpo.config import ModelConfig

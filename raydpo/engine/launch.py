@@ -121,7 +121,7 @@ def preflight(cfg: RunConfig, check_data: bool = True):
     """All input checks that need no Ray; returns the tokenizer."""
     resolve_model_path(cfg.model.policy)
     if cfg.model.reference:
-        resolve_model_path(cfg.model.reference)
+        resolve_model_path(cfg.model.reference, field="model.reference")
     tokenizer = load_tokenizer(cfg.model)
     for source in filter(None, [cfg.data.source, cfg.data.eval_source] if check_data else []):
         data_preflight(cfg, tokenizer, source)
