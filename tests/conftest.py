@@ -12,7 +12,9 @@ TESTS = str(Path(__file__).parent)
 # Ray worker processes import tests/faults.py (their setup hook); they inherit this environment.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [TESTS, os.environ.get("PYTHONPATH")]))
 sys.path.insert(0, TESTS)
-os.environ.setdefault("RAYDPO_TEST_FAULTS", str(Path(tempfile.mkdtemp(prefix="raydpo-faults-")) / "fault.json"))
+os.environ.setdefault(
+    "RAYDPO_TEST_FAULTS", str(Path(tempfile.mkdtemp(prefix="raydpo-faults-")) / "fault.json")
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray on 127.0.0.1 only (see cli.py)

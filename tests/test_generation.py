@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from raydpo.models.generation import Rollout, generate, mask_after_eos, sample_responses
-from raydpo.tasks.sentiment import make_corpus
 from raydpo.models.tiny import build_model, build_tokenizer
+from raydpo.tasks.sentiment import make_corpus
 
 PROMPTS = ["the movie was", "i thought the acting", "the soundtrack", "in my opinion the director"]
 

@@ -69,7 +69,7 @@ def test_every_module_is_in_a_layer():
 def test_imports_point_down_and_sit_at_the_top(module):
     for target, at_top in GRAPH[module]:
         assert layer(target) <= layer(module), (
-            f"{module} ({LAYERS[layer(module)][0]}) imports {target} ({LAYERS[layer(target)][0]}), a higher layer"
+            f"{module} ({LAYERS[layer(module)][0]}) imports {target} ({LAYERS[layer(target)][0]}), higher up"
         )
         assert at_top or module in DEFERRED_OK, f"{module} imports {target} inside a function"
 

@@ -40,7 +40,9 @@ def test_rollout_logprobs_are_at_the_sampling_temperature(tiny_llama_dir, tmp_pa
     mb = minibatches[0]
     tq, ids, mask = mb["query_len"], mb["full_ids"], mb["full_mask"]
     with torch.no_grad():
-        logits = policy.lm(input_ids=ids, attention_mask=mask, position_ids=left_padded_positions(mask)).logits
+        logits = policy.lm(
+            input_ids=ids, attention_mask=mask, position_ids=left_padded_positions(mask)
+        ).logits
     targets = ids[:, tq:].unsqueeze(-1)
     at_t = torch.log_softmax(logits[:, tq - 1 : -1] / 0.5, -1).gather(2, targets).squeeze(-1)
     at_1 = torch.log_softmax(logits[:, tq - 1 : -1], -1).gather(2, targets).squeeze(-1)

@@ -144,7 +144,8 @@ def test_epoch_order_is_seeded_and_differs_per_epoch(ray_local, run_cfg):
     def order(epoch, rank=0, world=1, seed_cfg=cfg):
         t = seed_cfg.train
         src = ShardSource(ds.iterator(), t.batch_size, t.seed, rank, world, 0, True, "cpu")
-        return [t for b in src.epoch(epoch) for t in b["input_ids"][: b["input_ids"].shape[0] // 2, 1].tolist()]
+        chosen = [b["input_ids"][: b["input_ids"].shape[0] // 2, 1] for b in src.epoch(epoch)]
+        return [t for c in chosen for t in c.tolist()]
 
     e0, e1 = order(0), order(1)
     assert sorted(e0) == sorted(e1) == list(range(100, 132))

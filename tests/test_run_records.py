@@ -1,4 +1,4 @@
-"""Run directories hold one config: a changed config is refused unless resumed explicitly; paths are absolute."""
+"""A run directory holds one config: another is refused unless resumed explicitly; paths are absolute."""
 
 import subprocess
 import sys
@@ -40,8 +40,8 @@ def test_cli_refuses_a_changed_rerun_before_starting_ray(tmp_path, tiny_llama_di
                         "train": {"output_dir": str(tmp_path / "runs")}})  # fmt: skip
     dump_config(resolve_paths(cfg), tmp_path / "runs" / "r" / "config.yaml")
     args = [f"model.policy={tiny_llama_dir}", "run_name=r", f"train.output_dir={tmp_path / 'runs'}"]
-    r = subprocess.run([sys.executable, "-m", "raydpo", "train", *args, "optim.lr=1e-4", "tracking.enabled=false"],
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    cmd = [sys.executable, "-m", "raydpo", "train", *args, "optim.lr=1e-4", "tracking.enabled=false"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "another config" in r.stderr and "optim.lr" in r.stderr and "--resume" in r.stderr
 
@@ -79,11 +79,18 @@ def test_resume_flag_is_accepted_before_or_after_overrides(monkeypatch):
     from raydpo.cli import main
 
     seen: list = []
-    monkeypatch.setattr(raydpo.methods, "train", lambda cfg, resume=False: seen.append((cfg.optim.lr, resume)))
-    monkeypatch.setattr(raydpo.sweep, "run_sweep",
-                        lambda path, overrides, resume: seen.append((path, overrides, resume)) or {"failed": 0})  # fmt: skip
+    monkeypatch.setattr(
+        raydpo.methods, "train", lambda cfg, resume=False: seen.append((cfg.optim.lr, resume))
+    )
+    fake_sweep = lambda path, overrides, resume: seen.append((path, overrides, resume)) or {"failed": 0}  # noqa: E731
+    monkeypatch.setattr(raydpo.sweep, "run_sweep", fake_sweep)
     assert main(["train", "optim.lr=0.01", "--resume"]) == 0
     assert main(["train", "--resume", "optim.lr=0.02"]) == 0
     assert main(["sweep", "s.yaml", "--resume", "num_samples=2"]) == 0
     assert main(["sweep", "s.yaml", "num_samples=3", "--resume"]) == 0
-    assert seen == [(0.01, True), (0.02, True), ("s.yaml", ["num_samples=2"], True), ("s.yaml", ["num_samples=3"], True)]
+    assert seen == [
+        (0.01, True),
+        (0.02, True),
+        ("s.yaml", ["num_samples=2"], True),
+        ("s.yaml", ["num_samples=3"], True),
+    ]

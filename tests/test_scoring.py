@@ -13,7 +13,11 @@ from raydpo.ops.logprobs import reward_scores
 
 PAIRS = [
     {"prompt": "Review of Heat:", "chosen": " a great film, I loved it.", "rejected": " a dull film."},
-    {"prompt": "Review of Up:", "chosen": " superb acting.", "rejected": " awful plot and bad acting, sadly."},
+    {
+        "prompt": "Review of Up:",
+        "chosen": " superb acting.",
+        "rejected": " awful plot and bad acting, sadly.",
+    },
 ]
 
 

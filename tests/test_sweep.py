@@ -167,7 +167,8 @@ def test_impossible_resources_fail_before_any_trial(ray_local, tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_default_store_holds_every_trial_in_the_working_directory(ray_local, tmp_path, tiny_llama_dir, monkeypatch):
+def test_default_store_holds_every_trial_in_the_working_directory(ray_local, tmp_path, tiny_llama_dir,
+                                                                  monkeypatch):  # fmt: skip
     """No tracking settings, relative output_dir, run from a temporary working directory: every trial's
     run is in ./mlflow.db under the parent (Tune runs trials in folders of their own), with readable
     names, and every artifact lies inside the working directory."""
@@ -178,7 +179,7 @@ def test_default_store_holds_every_trial_in_the_working_directory(ray_local, tmp
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     base = {**BASE, "model": {"policy": str(tiny_llama_dir)},
-            "train": {"batch_size": 4, "max_steps": 2, "output_dir": "runs"}, "data": {**BASE["data"]}}  # fmt: skip
+            "train": {"batch_size": 4, "max_steps": 2, "output_dir": "runs"}}  # fmt: skip
     sweep = {"search": {"loss.name": {"grid": ["sigmoid", "hinge"]}}, "metric": "loss"}
     lines: list[str] = []
     out = run_sweep(str(write(tmp_path, sweep, base)), log=lines.append)
@@ -195,7 +196,8 @@ def test_default_store_holds_every_trial_in_the_working_directory(ray_local, tmp
         assert r.info.artifact_uri.startswith(tmp_path.as_uri()), r.info.artifact_uri
         assert client.list_artifacts(r.info.run_id)
     assert not list(tmp_path.parent.glob("mlartifacts")) and (tmp_path / "runs" / "s" / "trials").is_dir()
-    assert any(x.startswith("best trial ") for x in lines) and any("mlflow ui --backend-store-uri" in x for x in lines)
+    assert any(x.startswith("best trial ") for x in lines)
+    assert any("mlflow ui --backend-store-uri" in x for x in lines)
     assert any("/#/experiments/" in x and x.endswith("/runs") for x in lines)
 
 

@@ -79,6 +79,8 @@ def test_matches_trl_over_two_steps(tiny_llama_dir, tmp_path, loss_type, beta):
     assert len(theirs) == 2 and len(ours) == 2
     for step, (t, o) in enumerate(zip(theirs, ours), start=1):
         for k in KEYS:
-            assert o[k] == pytest.approx(t[k], abs=1e-6, rel=1e-5), f"step {step} {k}: raydpo {o[k]} vs TRL {t[k]}"
+            assert o[k] == pytest.approx(t[k], abs=1e-6, rel=1e-5), (
+                f"step {step} {k}: raydpo {o[k]} vs TRL {t[k]}"
+            )
     # The second step must differ from the first, or the comparison proves nothing about the update.
     assert abs(ours[1]["logps/chosen"] - ours[0]["logps/chosen"]) > 1e-3
