@@ -72,8 +72,8 @@ def inject_fault():
     (tests/faults.py); the spec is removed after the test."""
     path = Path(os.environ["RAYDPO_TEST_FAULTS"])
 
-    def arm(at_step: int, marker) -> None:
-        path.write_text(json.dumps({"at_step": at_step, "marker": str(marker)}))
+    def arm(at_step: int | None = None, marker=None, **spec) -> None:
+        path.write_text(json.dumps({"at_step": at_step, "marker": str(marker), **spec}))
 
     yield arm
     path.unlink(missing_ok=True)

@@ -4,7 +4,8 @@
 worker process patches `Trainer.after_step` at start-up. The patch reads a JSON spec file (path in
 $RAYDPO_TEST_FAULTS, written by the `inject_fault` fixture): `{"at_step": N, "marker": PATH}` makes
 the first worker that finishes step N raise before that step is logged or checkpointed, once (the
-marker file records that it fired).
+marker file records that it fired); `{"inf_grad_at_step": N}` makes every worker's gradient of one
+parameter infinite during step N (a real backward pass through a gradient hook, not a mocked step).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+
+import torch
 
 
 def spec() -> dict | None:
@@ -37,3 +40,17 @@ def install() -> None:
 
     after_step._fault_patched = True
     loop.Trainer.after_step = after_step
+    original_step = loop.Trainer.step
+
+    def step(self, batch, step_no):
+        s = spec()
+        if not (s and s.get("inf_grad_at_step") == step_no):
+            return original_step(self, batch, step_no)
+        param = next(p for p in self.policy.parameters() if p.requires_grad)
+        handle = param.register_hook(lambda g: torch.full_like(g, float("inf")))
+        try:
+            return original_step(self, batch, step_no)
+        finally:
+            handle.remove()
+
+    loop.Trainer.step = step

@@ -60,7 +60,8 @@ def test_train_keeps_good_rows_and_quarantines_broken_ones(tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "mixed" / "final")  # the exported HF model
     assert model.config.num_hidden_layers == 2 and (tmp_path / "mixed" / "config.yaml").exists()
-    again = run(*args[:2], "data.max_bad_fraction=0.1", *args[3:], cwd=tmp_path)
+    stricter = [a.replace("run_name=mixed", "run_name=strict") for a in args[3:]]
+    again = run(*args[:2], "data.max_bad_fraction=0.1", *stricter, cwd=tmp_path)
     assert again.returncode == 2 and "above data.max_bad_fraction=0.1" in again.stderr
 
 

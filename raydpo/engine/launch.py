@@ -25,7 +25,7 @@ from raydpo.data.pipeline import preflight as data_preflight
 from raydpo.data.pipeline import prepare_dataset
 from raydpo.data.prompts import read_prompts
 from raydpo.data.tokenize import pad_token_id
-from raydpo.engine.checkpointing import publish_dir
+from raydpo.engine.checkpointing import publish_dir, tidy_run_dir
 from raydpo.engine.method import Method
 from raydpo.engine.progress import Progress
 from raydpo.engine.session import start_ray
@@ -189,6 +189,7 @@ def run(
     prompts_only = method.data == "prompts"
     tokenizer = preflight(cfg, check_data=not prompts_only)
     check_run_dir(cfg, resume, log)
+    tidy_run_dir(cfg.run_dir, log)
     start_ray(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1)
     loop_config: dict = {
         "method": method,

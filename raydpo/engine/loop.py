@@ -10,8 +10,9 @@ Assumptions:
   same global batch; metrics are averaged over workers with one all-reduce per update.
 - A step is one batch: one optimizer update, or, with a rollout phase, one update per minibatch the
   rollout returns. The learning-rate schedule advances once per step.
-- A non-finite loss stops the run before the update that would use it, so no checkpoint holds
-  non-finite weights.
+- A non-finite loss or gradient norm stops the run before the update that would use it, naming
+  the step and the batch's pair ids (or, with `train.skip_nonfinite`, the update is skipped and
+  counted), so no checkpoint holds non-finite weights.
 - Metrics reach MLflow only for steps a committed checkpoint covers (when checkpointing), so a run
   resumed after a failure logs every step exactly once.
 """
@@ -30,7 +31,7 @@ from raydpo.config import RunConfig
 from raydpo.engine import distributed as dist_utils
 from raydpo.engine.checkpointing import load_checkpoint, save_checkpoint, set_rng_state
 from raydpo.engine.method import Method
-from raydpo.engine.optim import build_optimizer, build_scheduler, optimizer_step, seed_everything
+from raydpo.engine.optim import build_optimizer, build_scheduler, clip_gradients, seed_everything
 from raydpo.engine.step import train_step
 from raydpo.models.loading import load_reference
 from raydpo.tracking import RunLogger
@@ -60,6 +61,7 @@ class Trainer:
         self.pending: list[tuple[int, dict]] = []  # step metrics waiting for a checkpoint to cover them
         self.last_eval: dict[str, float] = {}
         self.history: list[dict] = []
+        self.skipped = 0  # updates skipped for a non-finite loss or gradient (train.skip_nonfinite)
 
     # ------------------------------------------------------------------------------------- setup
     def setup(self) -> dict:
@@ -90,6 +92,7 @@ class Trainer:
             set_rng_state(state["rng"])
             if self.rollout is not None:
                 self.rollout.load_state_dict(state["method"])
+            self.skipped = state.get("nonfinite_skipped", 0)
             pos = {k: state[k] for k in pos}
         return pos
 
@@ -123,6 +126,7 @@ class Trainer:
 
     def step(self, batch, step: int) -> dict[str, float]:
         """One training step: [rollout →] forward/backward → all-reduce of metrics → update(s)."""
+        ids = batch.pop("ids", None) if isinstance(batch, dict) else None
         updates, extra = self.rollout(batch, step) if self.rollout else ([batch], {})
         accum = 1 if self.rollout else self.cfg.train.grad_accum_steps
         sync = dist_utils.no_sync_factory(self.policy)
@@ -130,20 +134,37 @@ class Trainer:
         for mb in updates:
             with self.autocast:
                 m = train_step(self.policy, self.reference, mb, self.objective, accum, sync)
+            m["grad_norm"] = clip_gradients(self.policy, self.cfg.optim.max_grad_norm)
             m = dist_utils.mean_across_workers(m)  # one all-reduce + one host sync per update
-            if not math.isfinite(m["loss"]):
-                raise FloatingPointError(
-                    f"non-finite loss ({m['loss']}) at step {step}; stopping before the update"
-                )
-            m["grad_norm"] = float(optimizer_step(self.policy, self.opt, self.cfg.optim.max_grad_norm))
+            if math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]):
+                self.opt.step()
+            else:
+                self.nonfinite(m, step, ids)
+            self.opt.zero_grad(set_to_none=True)
             for k, v in m.items():
                 totals[k] = totals.get(k, 0.0) + v / len(updates)
+        if self.cfg.train.skip_nonfinite:
+            totals["nonfinite_skipped"] = float(self.skipped)
         totals["learning_rate"] = self.opt.param_groups[0]["lr"]
         self.sched.step()
         if self.rollout:
             totals.update(dist_utils.mean_across_workers(extra))
             self.rollout.update(totals, self.world)
         return totals
+
+    def nonfinite(self, m: dict[str, float], step: int, ids) -> None:
+        """A NaN/inf loss or gradient norm: count and skip the update (train.skip_nonfinite), or stop."""
+        what = "loss" if not math.isfinite(m["loss"]) else "gradient norm"
+        value = m["loss"] if what == "loss" else m["grad_norm"]
+        if self.cfg.train.skip_nonfinite:
+            self.skipped += 1
+            return
+        shown = [i for i in (ids or []) if i is not None][:8]
+        pairs = f", pairs {', '.join(map(str, shown))}{' …' if len(ids or []) > 8 else ''}" if shown else ""
+        raise FloatingPointError(
+            f"non-finite {what} ({value}) at step {step}{pairs}; stopped before the update "
+            "(train.skip_nonfinite=true skips such batches)"
+        )
 
     def after_step(self, pos: dict, metrics: dict, seconds: float, tokens: int) -> None:
         step, cfg = pos["step"], self.cfg
@@ -187,7 +208,7 @@ class Trainer:
         model_state, optim_state = dist_utils.full_states(self.policy, self.opt)
         if self.rank != 0:
             return None
-        position = {**pos, "mlflow_run_id": self.run_id or "",
+        position = {**pos, "mlflow_run_id": self.run_id or "", "nonfinite_skipped": self.skipped,
                     "method": self.rollout.state_dict() if self.rollout else {}}  # fmt: skip
         return save_checkpoint(
             path, dist_utils.unwrap(self.policy), model_state, optim_state, self.sched, position

@@ -44,13 +44,12 @@ def build_scheduler(opt, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_s
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg, total_steps))
 
 
-def optimizer_step(policy, opt, max_grad_norm: float | None) -> torch.Tensor:
-    """Clip, step, zero the gradients. Returns the pre-clip global gradient norm (0-d, no host sync)."""
+def clip_gradients(policy, max_grad_norm: float | None) -> torch.Tensor:
+    """The pre-clip global gradient norm (0-d, no host sync), after clipping to `max_grad_norm`.
+    Under FSDP2 the norm is over the full model (a DTensor made whole)."""
     params = [p for p in policy.parameters() if p.requires_grad]
     if max_grad_norm is not None:
         norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return norm.detach()
+    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).detach()

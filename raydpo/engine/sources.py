@@ -25,7 +25,8 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}
+    """Tensors to `device`; other entries (the pair ids) as they are."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 class ListSource:
@@ -45,7 +46,8 @@ class ListSource:
             order = torch.randperm(len(self.pairs), generator=g).tolist()
         for i in range(0, len(order) - self.batch_size + 1, self.batch_size):
             group = [self.pairs[j] for j in order[i : i + self.batch_size]]
-            yield to_device(collate(group, self.pad_id, chosen_only=not self.paired), self.device)
+            batch = collate(group, self.pad_id, chosen_only=not self.paired)
+            yield to_device({**batch, "ids": [p.id for p in group]}, self.device)
 
 
 class PromptSource:

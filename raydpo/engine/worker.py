@@ -8,6 +8,7 @@ Ray Train touchpoints: get_context, get_dataset_shard, get_checkpoint, report.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from contextlib import nullcontext
 from pathlib import Path
@@ -17,6 +18,7 @@ import ray.train
 from raydpo.config import RunConfig
 from raydpo.data.tokenize import TokenizedPair, collate
 from raydpo.engine import distributed as dist_utils
+from raydpo.engine.checkpointing import usable
 from raydpo.engine.loop import Trainer, WorkerContext
 from raydpo.engine.sources import PromptSource, epoch_seed, to_device
 from raydpo.tracking import RunLogger
@@ -35,7 +37,8 @@ def make_collate(rank: int, per_worker: int, pad_id: int, paired: bool):
                 batch["prompt_ids"][lo:hi], batch["chosen_ids"][lo:hi], batch["rejected_ids"][lo:hi]
             )
         ]
-        return collate(pairs, pad_id, chosen_only=not paired)
+        ids = [None if i is None else str(i) for i in batch["id"][lo:hi]] if "id" in batch else []
+        return {**collate(pairs, pad_id, chosen_only=not paired), "ids": ids}
 
     return fn
 
@@ -103,7 +106,7 @@ def train_loop_per_worker(config: dict) -> None:
     trainer = Trainer(cfg, method, ctx, config["total_steps"], config["mlflow_run_id"])
     ckpt = ray.train.get_checkpoint()
     with ckpt.as_directory() if ckpt else nullcontext() as d:  # a remote checkpoint is downloaded here
-        ctx.checkpoint = Path(d) if d else None
+        ctx.checkpoint = usable(Path(d), log=lambda m: print(m, file=sys.stderr)) if d else None
         pos = trainer.setup()
     trainer.train(pos)
     trainer.cleanup()
