@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -22,7 +23,7 @@ from typing import Any
 import psutil
 import ray
 import torch
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from raydpo import __version__
@@ -202,15 +203,23 @@ def dataset_digest(source: str) -> str:
 
 
 class RunLogger:
-    """Logs step metrics and artifacts to one MLflow run (used on rank 0 and on the driver)."""
+    """Logs step metrics and artifacts to one MLflow run (used on rank 0 and on the driver).
 
-    def __init__(self, uri: str, run_id: str | None):
+    With a `spool` path, step metrics go through a `MetricSpool` (rank 0 of a training run): a file on
+    the run's disk, sent from there in the background, so the store being down never stops training.
+    """
+
+    def __init__(self, uri: str, run_id: str | None, spool: Path | None = None):
         self.uri, self.run_id = uri, run_id
         self.client = _client(uri) if run_id else None
         self._sampler: _SystemMetrics | None = None
+        self.spool = MetricSpool(uri, run_id, spool) if run_id and spool else None
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.client:
+            return
+        if self.spool:
+            self.spool.put(metrics, step)
             return
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
@@ -273,8 +282,130 @@ class RunLogger:
         if self._sampler:
             self._sampler.stop()
             self._sampler = None
+        if self.spool:
+            self.spool.close()
         if self.client:
             self.client.set_terminated(self.run_id, status=status)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the samplers and send what is spooled, without ending the run (rank 0's part; the
+        driver sends what is left afterwards, see `drain_spool`)."""
+        if self._sampler:
+            self._sampler.stop()
+            self._sampler = None
+        if self.spool:
+            self.spool.close(timeout_s, quiet=True)
+
+
+def drain_spool(uri: str, run_id: str | None, path: Path, timeout_s: float = 60.0) -> int:
+    """On the driver after training: send what rank 0's spool still holds (see MetricSpool.close)."""
+    if not run_id or not Path(path).is_file():
+        return 0
+    return MetricSpool(uri, run_id, path).close(timeout_s)
+
+
+THROUGH_TAG = "raydpo.metrics_through"  # the last step whose metrics the store holds (MetricSpool)
+
+
+class MetricSpool:
+    """Step metrics appended to a JSON-lines file and sent to MLflow from it by a daemon thread.
+
+    Exactly once, across outages and restarts: lines go out in step order, each batch together with
+    the run tag `raydpo.metrics_through` = its last step, and a sender skips every line whose step
+    is not above that tag. So an outage of any length only delays metrics (the thread retries with
+    backoff; `put` never blocks or raises), a restarted worker resends what was spooled but not
+    sent, and steps replayed after a resume from an older checkpoint are not logged twice. A line
+    sent twice (a crash between the store's commit and the tag) carries its original timestamp,
+    which the store deduplicates.
+    """
+
+    def __init__(self, uri: str, run_id: str, path: Path, batch: int = 500):
+        self.client, self.run_id, self.path, self.batch = _client(uri), run_id, Path(path), batch
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.touch()
+        self._offset, self._through, self._lock, self._deadline = 0, None, threading.Lock(), 0.0
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self.unsent_error: str | None = None  # the last send error, None when the store is up
+        self._thread = threading.Thread(target=self._run, daemon=True, name="raydpo-metric-spool")
+        self._thread.start()
+
+    def put(self, metrics: dict[str, float], step: int) -> None:
+        line = json.dumps(
+            {"step": step, "ts": int(time.time() * 1000), "m": {k: float(v) for k, v in metrics.items()}}
+        )
+        with self._lock, open(self.path, "a") as f:
+            f.write(line + "\n")
+        self._wake.set()
+
+    def _pending(self) -> list[dict]:
+        with self._lock, open(self.path) as f:
+            f.seek(self._offset)
+            text = f.read()
+        lines = text.splitlines(keepends=True)
+        if lines and not lines[-1].endswith("\n"):  # a line being written: next time
+            lines = lines[:-1]
+        out, pos = [], self._offset
+        for raw in lines:
+            pos += len(raw.encode())
+            try:
+                out.append({**json.loads(raw), "_end": pos})
+            except ValueError:  # a torn line from a killed writer: skip it
+                out.append({"step": None, "_end": pos})
+        return out
+
+    def _send(self) -> bool:
+        """Send what is pending; True when nothing is left."""
+        if self._through is None:
+            tag = self.client.get_run(self.run_id).data.tags.get(THROUGH_TAG)
+            self._through = int(tag) if tag is not None else -1
+        pending = self._pending()
+        i = 0
+        while i < len(pending):
+            chunk, metrics, last = [], [], None
+            while i < len(pending) and len(metrics) < self.batch:
+                line = pending[i]
+                i += 1
+                chunk.append(line)
+                if line["step"] is None or line["step"] <= (self._through if last is None else last):  # torn,
+                    #   already in the store, or replayed after a resume from an older checkpoint
+                    continue
+                last = line["step"]
+                metrics += [Metric(k, v, line["ts"], line["step"]) for k, v in line["m"].items()]
+            if metrics:
+                self.client.log_batch(self.run_id, metrics=metrics, tags=[RunTag(THROUGH_TAG, str(last))])
+                self._through = last
+            self._offset = chunk[-1]["_end"]
+        return True
+
+    def _run(self) -> None:
+        delay = 1.0
+        while True:
+            self._wake.wait(timeout=delay)
+            self._wake.clear()
+            try:
+                self._send()
+                self.unsent_error, delay = None, 1.0
+            except Exception as e:  # the store is down or refuses: keep the lines, retry later
+                self.unsent_error, delay = (
+                    f"{type(e).__name__}: {str(e).splitlines()[0][:200]}",
+                    min(delay * 2, 30.0),
+                )
+            if self._stop.is_set() and (self.unsent_error is None or self._deadline < time.monotonic()):
+                return
+
+    def close(self, timeout_s: float = 60.0, quiet: bool = False) -> int:
+        """Send what is spooled (waiting up to `timeout_s` for the store) and stop. Returns the number of
+        lines left unsent; they stay in the file and go out with the next command on this run."""
+        self._deadline = time.monotonic() + timeout_s
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout_s + 5)
+        through = self._through if self._through is not None else -1
+        left = len([x for x in self._pending() if x["step"] is not None and x["step"] > through])
+        if left and not quiet:
+            print(f"raydpo: {left} metric rows not yet in MLflow ({self.unsent_error}); they stay in "
+                  f"{self.path} and are sent by the next command on this run", file=sys.stderr)  # fmt: skip
+        return left
 
 
 class _SystemMetrics:

@@ -36,6 +36,7 @@ from raydpo.tracking import (
     RunLogger,
     absolute_uri,
     check_reachable,
+    drain_spool,
     start_or_resume_run,
     tracking_uri,
     ui_hint,
@@ -235,19 +236,30 @@ def run(
             loop_config["progress"] = progress.queue
             result = fit(cfg, loop_config, datasets, callbacks)
     except BaseException:
-        driver_log.finish("FAILED")
+        drain_spool(uri, run_id, cfg.run_dir / "mlflow-spool.jsonl")
+        tolerant(log, driver_log.finish, "FAILED")
         raise
     final = export_final(Path(result.checkpoint.path), tokenizer, cfg.run_dir / "final")
-    driver_log.log_model(final, cfg.tracking.log_model)
     summary = describe(cfg, method, n_rows, steps, progress.history)
-    driver_log.set_description(summary)
-    driver_log.finish()
+    drain_spool(uri, run_id, cfg.run_dir / "mlflow-spool.jsonl")
+    tolerant(log, driver_log.log_model, final, cfg.tracking.log_model)
+    tolerant(log, driver_log.set_description, summary)
+    tolerant(log, driver_log.finish)
     log(summary)
     log(f"final model: {final}")
     if run_id:
-        log(ui_hint(uri, cfg.tracking.experiment))
+        tolerant(log, lambda: log(ui_hint(uri, cfg.tracking.experiment)))
     return {"run_dir": str(cfg.run_dir), "final_model": str(final), "history": progress.history,
             "mlflow_run_id": run_id, "total_steps": steps}  # fmt: skip
+
+
+def tolerant(log, fn, *args) -> None:
+    """A tracking call at the end of a run: a store that is down costs the record, not the trained model."""
+    try:
+        fn(*args)
+    except Exception as e:  # MLflow's own errors, network errors: reported, not raised
+        log(f"raydpo: MLflow did not take {getattr(fn, '__name__', 'a record')} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200]}); the model and checkpoints are on disk")  # fmt: skip
 
 
 def describe(cfg: RunConfig, method: Method, n_rows: int, steps: int, history: list[dict]) -> str:

@@ -13,8 +13,8 @@ Assumptions:
 - A non-finite loss or gradient norm stops the run before the update that would use it, naming
   the step and the batch's pair ids (or, with `train.skip_nonfinite`, the update is skipped and
   counted), so no checkpoint holds non-finite weights.
-- Metrics reach MLflow only for steps a committed checkpoint covers (when checkpointing), so a run
-  resumed after a failure logs every step exactly once.
+- Metrics reach MLflow through a spool on the run's disk (tracking.MetricSpool): a store that is down
+  delays them and never stops training, and steps that a resumed run replays are not sent twice.
 """
 
 from __future__ import annotations
@@ -58,7 +58,6 @@ class Trainer:
     ):
         self.cfg, self.method, self.ctx, self.total, self.run_id = cfg, method, ctx, total_steps, run_id
         self.rank, self.world = ctx.rank, ctx.world
-        self.pending: list[tuple[int, dict]] = []  # step metrics waiting for a checkpoint to cover them
         self.last_eval: dict[str, float] = {}
         self.history: list[dict] = []
         self.skipped = 0  # updates skipped for a non-finite loss or gradient (train.skip_nonfinite)
@@ -104,7 +103,7 @@ class Trainer:
         ):  # a baseline, and a value for Tune from step 1
             self.last_eval = self.evaluate()
             if pos["step"] == 0:
-                self.pending.append((0, dict(self.last_eval)))
+                self.log(0, dict(self.last_eval))
         self.policy.train()
         while pos["step"] < self.total:
             skip = pos["batch_in_epoch"]  # resume mid-epoch: skip the batches already trained on
@@ -182,25 +181,19 @@ class Trainer:
         row = {"step": step, **self.last_eval, **metrics}  # Tune sees the latest eval metrics every time
         last = step == self.total
         if step % cfg.train.log_every == 0 or last or evaluated:  # eval results are always logged
-            self.pending.append((step, metrics))
+            self.log(step, metrics)
             if self.ctx.progress is not None and self.rank == 0:
                 self.ctx.progress({"step": step, **metrics})
-        checkpointing = bool(cfg.train.checkpoint_every)
-        if (checkpointing and step % cfg.train.checkpoint_every == 0) or last:
+        if (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or last:
             self.ctx.report(row, lambda path: self.save_checkpoint(path, pos))
-            self.flush()
         elif step % cfg.train.log_every == 0:
             self.ctx.report(row, None)
-            if not checkpointing:
-                self.flush()
 
-    def flush(self) -> None:
-        """Send buffered step metrics to MLflow. With checkpoints, only steps a checkpoint covers are
-        sent, so a run resumed after a failure never logs the same step twice."""
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Rank 0's metrics to MLflow, through the run's spool (tracking.MetricSpool): never blocks on
+        the store, and a step that a resumed run replays is not logged a second time."""
         if self.ctx.logger:
-            for step, m in self.pending:
-                self.ctx.logger.log_metrics(m, step)
-        self.pending = []
+            self.ctx.logger.log_metrics(metrics, step)
 
     # ------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, path: Path, pos: dict) -> Path | None:
@@ -234,5 +227,6 @@ class Trainer:
         return {f"eval/{k}": v for k, v in means.items()}
 
     def cleanup(self) -> None:
+        """Send what the spool holds and stop the samplers; the driver ends the MLflow run."""
         if self.ctx.logger:
-            self.ctx.logger.finish()
+            self.ctx.logger.close()

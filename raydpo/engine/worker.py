@@ -96,7 +96,8 @@ def train_loop_per_worker(config: dict) -> None:
         return make("train"), (make("eval") if config["has_eval"] else None)
 
     queue = config.get("progress")
-    logger = RunLogger(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else None
+    spool = Path(cfg.run_dir) / "mlflow-spool.jsonl"  # on the run's disk: survives restarts of this worker
+    logger = RunLogger(config["tracking_uri"], config["mlflow_run_id"], spool) if rank == 0 else None
     if logger:
         logger.start_system_metrics(cfg.tracking.system_metrics_s)  # this worker's machine and process
     ctx = WorkerContext(

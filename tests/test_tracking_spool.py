@@ -1,0 +1,114 @@
+"""Tracking is never a reason to stop training: metrics go through a spool on disk, survive an outage
+of the tracking server longer than the client's retries, and reach MLflow exactly once."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from raydpo.tracking import THROUGH_TAG, MetricSpool
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(root: Path, port: int) -> subprocess.Popen:
+    """An MLflow server on 127.0.0.1 with a SQLite store, in a process group of its own."""
+    db, art = f"sqlite:///{root / 'mlflow.db'}", str(root / "art")
+    store = ["--backend-store-uri", db, "--default-artifact-root", art]
+    cmd = [BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *store]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    end = time.time() + 90
+    while time.time() < end:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
+            return proc
+        except OSError:
+            time.sleep(0.5)
+    stop_server(proc)
+    raise TimeoutError("mlflow server did not come up")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """Kill exactly the server's process group (it was started in a session of its own)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(30)
+
+
+def wait_for(pred, timeout: float = 30.0) -> bool:
+    end = time.time() + timeout
+    while time.time() < end:
+        if pred():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.slow
+def test_outage_longer_than_retries_delays_metrics_and_replays_are_not_logged_twice(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the client gives up at once...
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_server(tmp_path, port)
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        run_id = client.create_run(client.create_experiment("spool")).info.run_id
+        spool = MetricSpool(uri, run_id, tmp_path / "run" / "mlflow-spool.jsonl")
+        for step in (1, 2, 3):
+            spool.put({"loss": step / 10}, step)
+        assert wait_for(lambda: client.get_run(run_id).data.tags.get(THROUGH_TAG) == "3")
+
+        stop_server(server)  # ...and the server stays down for longer than that
+        t0 = time.monotonic()
+        for step in (4, 5, 6, 7, 8):
+            spool.put({"loss": step / 10}, step)
+        assert time.monotonic() - t0 < 1.0  # training is never held up by the store
+        assert wait_for(lambda: spool.unsent_error is not None, 20)  # it did try, and failed
+        time.sleep(3)
+        server = start_server(tmp_path, port)
+        assert spool.close(60) == 0  # everything went out once the server was back
+
+        # A worker restarted from the step-5 checkpoint replays steps 6-8 (here with other values,
+        # to see which ones land): the store keeps the first copy of each step, and only it.
+        replay = MetricSpool(uri, run_id, tmp_path / "run" / "mlflow-spool.jsonl")
+        for step in (6, 7, 8, 9):
+            replay.put({"loss": step / 10 + 5}, step)
+        assert replay.close(30) == 0
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss"))
+        assert history == [(s, s / 10) for s in range(1, 9)] + [(9, 9 / 10 + 5)]
+    finally:
+        stop_server(server)
+
+
+def test_a_torn_spool_line_is_skipped_and_the_rest_is_sent(tmp_path):
+    """A writer killed mid-line leaves a torn line; the sender skips it and sends the others."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("torn")).info.run_id
+    path = tmp_path / "spool.jsonl"
+    path.write_text('{"step": 1, "ts": 1000, "m": {"loss": 0.5}}\n{"step": 2, "ts": 20\n')
+    spool = MetricSpool(uri, run_id, path)
+    spool.put({"loss": 0.3}, 3)
+    assert spool.close(30) == 0
+    assert sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss")) == [
+        (1, 0.5),
+        (3, 0.3),
+    ]
