@@ -131,6 +131,7 @@ class TrainConfig(_Strict):
     eval_every: int | None = Field(None, gt=0)  # evaluate on the eval split every this many steps
     checkpoint_every: int | None = Field(None, gt=0)  # checkpoint every this many steps
     num_to_keep: int | None = Field(2, gt=0)  # checkpoints kept on disk
+    skip_nonfinite: bool = False  # skip (and count) a batch whose loss or gradient is NaN/inf; False = stop
     output_dir: str = "runs"  # run outputs go to <output_dir>/<run_name>
 
     @model_validator(mode="after")
