@@ -12,6 +12,7 @@ import sys
 
 from raydpo import __version__
 from raydpo.errors import UserError
+from raydpo.redact import redact
 
 
 def _cmd_train(args) -> int:
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        print(f"raydpo: error: {e}", file=sys.stderr)
+        print(f"raydpo: error: {redact(str(e))}", file=sys.stderr)  # no password or token on the console
         return 2
     except KeyboardInterrupt:
         print("raydpo: interrupted", file=sys.stderr)

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, Tag, ValidationError, field_v
 
 from raydpo.errors import ConfigError
 from raydpo.losses import LOSSES, loss_params
+from raydpo.redact import redact_mapping
 
 
 class _Strict(BaseModel):
@@ -401,8 +402,10 @@ def config_to_dict(cfg: RunConfig) -> dict:
 
 
 def dump_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+    """Write the config as YAML, secrets redacted (`redact_mapping`: a tracking URI's password and
+    secret environment values become `***`); without secrets `load_config` of it gives `cfg` again."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(redact_mapping(config_to_dict(cfg)), sort_keys=False))
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

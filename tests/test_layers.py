@@ -10,7 +10,7 @@ ROOT = Path(__file__).parents[1] / "raydpo"
 
 # Lowest first. A module belongs to the first layer whose prefix names it or its package.
 LAYERS = [
-    ("foundation", ["raydpo", "raydpo.errors", "raydpo.reporting"]),
+    ("foundation", ["raydpo", "raydpo.errors", "raydpo.reporting", "raydpo.redact"]),
     ("maths", ["raydpo.losses", "raydpo.ops"]),
     ("config", ["raydpo.config"]),
     ("data, models, tracking", ["raydpo.data", "raydpo.models", "raydpo.tracking"]),
