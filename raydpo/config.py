@@ -23,6 +23,14 @@ from raydpo.losses import LOSSES, loss_params
 from raydpo.redact import redact_mapping
 
 
+def safe_name(v: str, field: str = "name") -> str:
+    """A name that becomes a folder: non-empty, no slashes, not starting with '.', so it cannot escape
+    the folder it is put in (run_name, a sweep's or an eval's name)."""
+    if not v or any(c in v for c in "/\\") or v.startswith("."):
+        raise ValueError(f"{field} must be a non-empty name without slashes that does not start with '.'")
+    return v
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -207,9 +215,7 @@ class RunConfig(_Strict):
     @field_validator("run_name")
     @classmethod
     def _safe_name(cls, v: str) -> str:
-        if not v or any(c in v for c in "/\\") or v.startswith("."):
-            raise ValueError("run_name must be a non-empty name without slashes that does not start with '.'")
-        return v
+        return safe_name(v, "run_name")
 
     @property
     def run_dir(self) -> Path:

@@ -8,6 +8,7 @@ config (which holds no credentials) and tags are set here explicitly.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import psutil
 import ray
@@ -29,6 +31,7 @@ from mlflow.tracking import MlflowClient
 from raydpo import __version__
 from raydpo.config import RunConfig, TrackingConfig, config_to_dict, flatten
 from raydpo.errors import UserError
+from raydpo.redact import redact, redact_mapping
 
 RUN_DIR_TAG = "raydpo.run_dir"
 KIND_TAG = "raydpo.kind"
@@ -59,19 +62,42 @@ def store_dir(uri: str) -> Path | None:
     return None
 
 
+def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
+    """`http://user:pass@host:5000/p` → (`http://host:5000/p`, user, pass); other URIs unchanged."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return uri, None, None
+    bare = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    return bare, unquote(parts.username or ""), unquote(parts.password or "")
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast with one line when an HTTP tracking server does not answer."""
+    """Fail fast with one line when an HTTP tracking server does not answer (credentials in the URI
+    are sent as HTTP basic auth, and never printed)."""
     if not uri.startswith(("http://", "https://")):
         return
+    bare, user, password = split_credentials(uri)
+    req = urllib.request.Request(bare.rstrip("/") + "/health")
+    if user or password:
+        req.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
     try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).read()
+        urllib.request.urlopen(req, timeout=timeout).read()
+    except urllib.error.HTTPError as e:
+        why = "refused the credentials" if e.code in (401, 403) else "is not reachable:"
+        raise UserError(f"MLflow tracking server {redact(uri)} {why} (HTTP {e.code})") from None
     except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise UserError(f"MLflow tracking server {uri} is not reachable: {reason}") from None
+        reason = redact(str(getattr(e, "reason", e)))
+        raise UserError(f"MLflow tracking server {redact(uri)} is not reachable: {reason}") from None
 
 
 def _client(uri: str) -> MlflowClient:
-    return MlflowClient(tracking_uri=uri)
+    """A client of `uri`; credentials in an HTTP URI go to MLflow's own variables (unless set), so
+    MLflow's error messages, which quote the URL, never carry them."""
+    bare, user, password = split_credentials(uri)
+    if user is not None:
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", user)
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", password or "")
+    return MlflowClient(tracking_uri=bare)
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
@@ -87,7 +113,11 @@ def experiment_id(client: MlflowClient, name: str) -> str:
 
 def runs_table_url(uri: str, exp_id: str) -> str:
     """Where the experiment's runs table opens (MLflow 3 opens an experiment on another tab)."""
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    base = (
+        split_credentials(uri)[0].rstrip("/")
+        if uri.startswith(("http://", "https://"))
+        else "http://127.0.0.1:5000"
+    )
     return f"{base}/#/experiments/{exp_id}/runs"
 
 
@@ -97,7 +127,8 @@ def ui_hint(uri: str, experiment: str) -> str:
     where = runs_table_url(uri, exp.experiment_id) if exp else uri
     if uri.startswith(("http://", "https://")):
         return f"MLflow: runs table at {where}"
-    return f"MLflow: store {uri}; see it with `mlflow ui --backend-store-uri {uri}` then open {where}"
+    shown = redact(uri)
+    return f"MLflow: store {shown}; see it with `mlflow ui --backend-store-uri {shown}` then open {where}"
 
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -159,8 +190,9 @@ def find_or_create_run(
     if found:
         client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
+    tags, params = redact_mapping(tags), redact_mapping(params)  # secrets never reach MLflow
     run = client.create_run(exp_id, run_name=run_name, tags={**tags, RUN_DIR_TAG: key})
-    items = [Param(k, _param(v)) for k, v in params.items()]
+    items = [Param(k, _param(redact(str(v)))) for k, v in params.items()]
     for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
         client.log_batch(run.info.run_id, params=items[i : i + 100])
     return run.info.run_id
@@ -238,12 +270,12 @@ class RunLogger:
     def set_description(self, text: str) -> None:
         """The run's description (the Markdown note at the top of its page in the UI)."""
         if self.client:
-            self.client.set_tag(self.run_id, "mlflow.note.content", text)
+            self.client.set_tag(self.run_id, "mlflow.note.content", redact(text))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.client:
-            for k, v in tags.items():
-                self.client.set_tag(self.run_id, k, v)
+            for k, v in redact_mapping(tags).items():
+                self.client.set_tag(self.run_id, k, redact(str(v)))
 
     def log_dataset(self, source: str, context: str, profile: dict[str, Any]) -> None:
         """The data a run read, as an MLflow dataset input: source, digest, and a profile (rows kept

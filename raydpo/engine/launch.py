@@ -32,6 +32,7 @@ from raydpo.engine.session import start_ray
 from raydpo.engine.worker import train_loop_per_worker
 from raydpo.errors import UserError
 from raydpo.models.loading import load_tokenizer, resolve_model_path
+from raydpo.redact import redact_mapping
 from raydpo.tracking import (
     RunLogger,
     absolute_uri,
@@ -100,7 +101,7 @@ def check_run_dir(cfg: RunConfig, resume: bool, log=print) -> None:
     path = cfg.run_dir / "config.yaml"
     if path.is_file():
         old = flatten(yaml.safe_load(path.read_text()) or {})
-        new = flatten(config_to_dict(cfg))
+        new = flatten(redact_mapping(config_to_dict(cfg)))  # config.yaml holds secrets redacted
         diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
         if diff and not resume:
             shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])

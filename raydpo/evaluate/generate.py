@@ -30,9 +30,13 @@ class PolicySampler:
     seed: int = 0
 
     def __init__(self):
-        self.tok = AutoTokenizer.from_pretrained(self.policy)
-        self.model = AutoModelForCausalLM.from_pretrained(self.policy).eval()
-        self.ref = AutoModelForCausalLM.from_pretrained(self.reference).eval() if self.reference else None
+        self.tok = AutoTokenizer.from_pretrained(self.policy, trust_remote_code=False)
+        self.model = AutoModelForCausalLM.from_pretrained(self.policy, trust_remote_code=False).eval()
+        self.ref = (
+            AutoModelForCausalLM.from_pretrained(self.reference, trust_remote_code=False).eval()
+            if self.reference
+            else None
+        )
 
     def _logps(self, model, ro) -> torch.Tensor:
         """(B,) summed log-probs of the sampled response tokens under `model` (at temperature 1)."""

@@ -113,8 +113,10 @@ class RewardModelJudge:
             return
         self.check()
         try:
-            self._tokenizer = AutoTokenizer.from_pretrained(self.path)
-            self._model = AutoModelForSequenceClassification.from_pretrained(self.path).eval()
+            self._tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=False)
+            self._model = AutoModelForSequenceClassification.from_pretrained(
+                self.path, trust_remote_code=False
+            ).eval()
         except (OSError, ValueError) as e:
             raise UserError(f"cannot load reward model {self.path!r}: {str(e).splitlines()[0]}") from None
 
@@ -176,8 +178,12 @@ class _LocalBackend:
             return
         self.check()
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self._model = AutoModelForCausalLM.from_pretrained(self.model_dir).to(self.device).eval()
+        self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=False)
+        self._model = (
+            AutoModelForCausalLM.from_pretrained(self.model_dir, trust_remote_code=False)
+            .to(self.device)
+            .eval()
+        )
 
     def ask(self, text: str) -> str:
         self._load()

@@ -44,7 +44,7 @@ from typing import Annotated
 from pydantic import Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from raydpo.config import TrackingConfig, _describe, _Strict, apply_overrides, read_yaml
+from raydpo.config import TrackingConfig, _describe, _Strict, apply_overrides, read_yaml, safe_name
 from raydpo.data.prompts import read_prompts as read_prompt_column
 from raydpo.engine.session import start_ray
 from raydpo.errors import ConfigError, UserError
@@ -94,6 +94,11 @@ class EvalConfig(_Strict):
             raise ValueError("needs at least one policy")
         return v
 
+    @field_validator("name")
+    @classmethod
+    def _safe(cls, v: str) -> str:
+        return safe_name(v)
+
     @model_validator(mode="after")
     def _baselines_known(self) -> EvalConfig:
         for b in self.baselines:
@@ -127,8 +132,8 @@ def read_prompts(cfg: EvalConfig) -> list[str]:
 
 def reward_model_scorer(reward_model: Path, tokenizer_dir: Path):
     """score(prompts, completions) → reward-model scores (models.scoring, as in training and PPO)."""
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    rm = AutoModelForSequenceClassification.from_pretrained(reward_model).eval()
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
+    rm = AutoModelForSequenceClassification.from_pretrained(reward_model, trust_remote_code=False).eval()
     return lambda prompts, completions: score_texts(rm, tok, prompts, completions)
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import ray
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -45,6 +45,7 @@ from raydpo.config import (
     build_config,
     config_to_dict,
     read_yaml,
+    safe_name,
 )
 from raydpo.engine.launch import build_datasets, preflight, resolve_paths
 from raydpo.engine.session import start_ray
@@ -114,6 +115,11 @@ class SweepConfig(_Strict):
     max_concurrent_trials: int = Field(1, gt=0)  # trials at once
     trial: TrialScaling = TrialScaling()  # scaling for each trial's run
     seed: int = 0  # seeds random search
+
+    @field_validator("name")
+    @classmethod
+    def _safe(cls, v: str) -> str:
+        return safe_name(v)
 
 
 def load_sweep(path: str | os.PathLike, overrides: list[str] = ()) -> tuple[SweepConfig, dict]:

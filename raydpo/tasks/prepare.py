@@ -70,8 +70,8 @@ def _sft_config(root: Path, size: dict, seed: int, tracking: dict):
 
 def sample_and_pair(model_dir: Path, prompts: list[str], k: int, seed: int, temperature: float = 1.0):
     """K samples per prompt from a policy, VADER rewards, Bradley–Terry pairs, and sample statistics."""
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=False)
     completions = generate(model, tok, prompts, n=k, max_new_tokens=24, temperature=temperature, seed=seed)
     reward = SentimentReward()
     rewards = [reward(c) for c in completions]
