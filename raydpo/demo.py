@@ -37,7 +37,7 @@ from raydpo.reporting import format_table
 from raydpo.sweep import run_sweep
 from raydpo.tasks.prepare import SIZES as TASK_SIZES
 from raydpo.tasks.prepare import prepare
-from raydpo.tracking import KIND_TAG, RunLogger, find_or_create_run, tracking_uri
+from raydpo.tracking import KIND_TAG, RunLogger, find_or_create_run, run_id_for, tracking_uri
 
 # Per size: the task size, the DPO grid, the baselines' budgets and the eval's sample count.
 SIZES = {
@@ -191,6 +191,39 @@ def results_rows(results: dict, meta: dict) -> list[dict]:
     return rows
 
 
+def rank_dpo_trials(rows: list[dict], dpo_rows: list[dict], tracking: TrackingConfig) -> list[str]:
+    """Rank the sweep's trials by what the demo measures, win rate against SFT (the sweep's own
+    metric, the last batch's reward accuracy, cannot separate them): each trial's MLflow run gets
+    `winrate/vs_sft` (+ interval), the sweep's parent run `best/winrate/vs_sft` and the best trial's
+    name as a tag. Returns the ranking lines."""
+    by_name = {r["policy"]: r for r in rows}
+    ranked = []
+    for d in dpo_rows:
+        row = by_name.get(f"dpo-{d['loss']}-b{d['beta']:g}")
+        if row and row["win_vs_sft"] is not None:
+            ranked.append((row["win_vs_sft"], d))
+    ranked.sort(key=lambda x: -x[0].estimate)
+    uri = tracking_uri(tracking)
+    for iv, d in ranked:
+        run_id = run_id_for(tracking, Path(d["model"]).parent)
+        if run_id:
+            RunLogger(uri, run_id).log_metrics(
+                {
+                    "winrate/vs_sft": iv.estimate,
+                    "winrate/vs_sft_ci_low": iv.low,
+                    "winrate/vs_sft_ci_high": iv.high,
+                },
+                0,
+            )
+    parent = run_id_for(tracking, Path(dpo_rows[0]["model"]).parents[2]) if ranked else None
+    if parent:
+        best_iv, best = ranked[0]
+        logger = RunLogger(uri, parent)
+        logger.log_metrics({"best/winrate/vs_sft": best_iv.estimate}, 0)
+        logger.set_tags({"raydpo.best_trial": f"{best['loss']}-b{best['beta']:g}"})
+    return [f"{d['loss']} β {d['beta']:g}: win vs SFT {_iv(iv)}" for iv, d in ranked]
+
+
 def format_results(rows: list[dict]) -> str:
     """A Markdown table (it reads as plain text too)."""
     head = ["method", "loss", "β", "reward [95% CI]", "KL [95% CI]", "win vs SFT [95% CI]",
@@ -313,6 +346,12 @@ def run_demo(size: str = "full", root: str | Path | None = None, seed: int = 0, 
     ev = run_eval(str(path), log=lambda m: clock(f"  {m}") if "\n" not in m else None)
 
     rows = results_rows(ev["results"], meta)
+    ranking = rank_dpo_trials(rows, dpo_rows, TrackingConfig(**tracking))
+    clock(
+        "DPO trials ranked by win rate against SFT: "
+        + "; ".join(ranking[:3])
+        + (" …" if len(ranking) > 3 else "")
+    )
     table = format_results(rows)
     ok, check = paper_check(rows)
     results_md, frontier = root / "results.md", root / "frontier.png"

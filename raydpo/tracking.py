@@ -198,6 +198,19 @@ def find_or_create_run(
     return run.info.run_id
 
 
+def run_id_for(tracking: TrackingConfig, run_dir: Path) -> str | None:
+    """The id of the MLflow run of `run_dir`, if there is one (nothing is created or changed)."""
+    client = _client(tracking_uri(tracking))
+    exp = client.get_experiment_by_name(tracking.experiment)
+    if exp is None:
+        return None
+    key = str(Path(run_dir).resolve())
+    found = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`{RUN_DIR_TAG}` = '{key}'", max_results=1
+    )
+    return found[0].info.run_id if found else None
+
+
 def start_or_resume_run(
     cfg: RunConfig, method, kind: str = "train", parent_run_id: str | None = None,
     tags: dict[str, str] | None = None, run_name: str | None = None,

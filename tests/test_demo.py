@@ -161,6 +161,10 @@ def test_demo_mlflow_holds_sweep_baselines_and_eval(demo):
     (sweep,) = kind("sweep")
     trials = [r for r in kind("trial") if r.data.tags.get("mlflow.parentRunId") == sweep.info.run_id]
     assert sorted(r.data.tags["sweep.loss.name"] for r in trials) == ["hinge", "ipo", "sigmoid"]
+    # ranked by what the demo measures: each trial's win rate against SFT, the best on the parent
+    assert all(0 <= r.data.metrics["winrate/vs_sft"] <= 1 for r in trials)
+    best = max(r.data.metrics["winrate/vs_sft"] for r in trials)
+    assert sweep.data.metrics["best/winrate/vs_sft"] == best and sweep.data.tags["raydpo.best_trial"]
     assert {r.data.tags.get("method") for r in kind("baseline")} >= {"sft", "reward_model", "preferred_ft",
                                                                       "ppo", "ppo_gt"}  # fmt: skip
     evals = kind("eval")
