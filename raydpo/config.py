@@ -158,7 +158,8 @@ class ScalingConfig(_Strict):
     use_gpu: bool = False  # one GPU per worker
     strategy: Literal["ddp", "fsdp"] = "ddp"  # DDP, or FSDP2 fully_shard per block (gloo on CPU, NCCL on GPU)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 on GPUs that have it, else fp32
-    cpus_per_worker: float = Field(1.0, gt=0)  # CPUs Ray reserves per worker
+    cpus_per_worker: float | None = Field(None, gt=0)  # CPUs (and torch threads) per worker; None = on a
+    #   local Ray an equal share of this machine's CPUs, on a cluster or in a sweep's trials 1
     resources_per_worker: dict[str, float] = {}  # extra custom resources per worker
     max_failures: int = Field(0, ge=-1)  # restarts after worker failure (-1 = unlimited)
 

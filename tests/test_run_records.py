@@ -94,3 +94,15 @@ def test_resume_flag_is_accepted_before_or_after_overrides(monkeypatch):
         ("s.yaml", ["num_samples=2"], True),
         ("s.yaml", ["num_samples=3"], True),
     ]
+
+
+def test_a_local_run_gives_its_workers_the_machine(monkeypatch):
+    from raydpo.engine.launch import resolve_scaling
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cpus = lambda **s: resolve_scaling(build_config({"scaling": s})).scaling.cpus_per_worker  # noqa: E731
+    assert cpus() == 8.0 and cpus(num_workers=2) == 4.0 and cpus(num_workers=3) == 2.0
+    assert cpus(num_workers=16) == 1.0 and cpus(cpus_per_worker=0.5) == 0.5  # a setting is kept
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert cpus() == 1.0  # joining a cluster: one per worker unless told otherwise

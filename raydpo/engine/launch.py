@@ -95,6 +95,16 @@ def resolve_paths(cfg: RunConfig, log=print) -> RunConfig:
     })  # fmt: skip
 
 
+def resolve_scaling(cfg: RunConfig) -> RunConfig:
+    """`scaling.cpus_per_worker` unset: on a local Ray each worker gets an equal share of this
+    machine's CPUs (all of them for one worker: torch then uses every core), on a cluster 1."""
+    if cfg.scaling.cpus_per_worker is not None:
+        return cfg
+    local = not os.environ.get("RAY_ADDRESS")
+    cpus = max(1, (os.cpu_count() or 1) // cfg.scaling.num_workers) if local else 1
+    return cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"cpus_per_worker": float(cpus)})})
+
+
 def check_run_dir(cfg: RunConfig, resume: bool, log=print) -> None:
     """A run directory holds one config. Another config is refused unless `resume` (then the old
     config.yaml is kept as config.<n>.yaml beside the new one); the same config resumes silently."""
@@ -185,7 +195,7 @@ def run(
     values as tags, a readable MLflow run name (`label`), and Tune's report callback.
     Returns {run_dir, final_model, history, mlflow_run_id, total_steps}.
     """
-    cfg = resolve_paths(cfg, log)
+    cfg = resolve_scaling(resolve_paths(cfg, log))
     if method.check:
         method.check(cfg)
     prompts_only = method.data == "prompts"

@@ -14,6 +14,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import ray.train
+import torch
 
 from raydpo.config import RunConfig
 from raydpo.data.tokenize import TokenizedPair, collate
@@ -82,6 +83,7 @@ def report(metrics: dict, ckpt_fn=None) -> None:
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train's entry point: config holds the run config, the Method record and the driver's handles."""
     cfg, method = RunConfig.model_validate(config["run_config"]), config["method"]
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker or 1)))  # as many as Ray reserved
     rtx = ray.train.get_context()
     rank, world = rtx.get_world_rank(), rtx.get_world_size()
 

@@ -99,7 +99,7 @@ class SchedulerConfig(_Strict):
 
 class TrialScaling(_Strict):
     num_workers: int | None = Field(None, gt=0)  # Ray Train workers per trial
-    cpus_per_worker: float | None = Field(None, gt=0)  # CPUs per worker
+    cpus_per_worker: float | None = Field(None, gt=0)  # CPUs per worker (None: the base's, else 1)
     use_gpu: bool | None = None  # one GPU per worker
     resources_per_worker: dict[str, float] | None = None  # custom resources per worker
 
@@ -185,8 +185,9 @@ def validate_metric(sweep: SweepConfig, base: RunConfig, where: str) -> None:
 def check_resources(sweep: SweepConfig, base: dict) -> None:
     """A trial that asks for more GPUs or custom resources than the cluster has can never start."""
     scaling = RunConfig.model_validate(with_params(base, {}, sweep.trial)).scaling
+    cpus = scaling.cpus_per_worker or 1.0
     have = ray.cluster_resources()
-    need = {"CPU": scaling.num_workers * scaling.cpus_per_worker, **{
+    need = {"CPU": scaling.num_workers * cpus, **{
         k: v * scaling.num_workers for k, v in scaling.resources_per_worker.items()}}  # fmt: skip
     if scaling.use_gpu:
         need["GPU"] = float(scaling.num_workers)
@@ -312,6 +313,7 @@ def run_sweep(path: str, overrides: list[str] = (), resume: bool = False, log=pr
     sweep, base = load_sweep(path, list(overrides))
     # Every path made absolute here, before Tune moves trials into folders of their own.
     base = config_to_dict(resolve_paths(build_config({**base, "run_name": sweep.name}, f"{path}: base"), log))
+    base["scaling"]["cpus_per_worker"] = base["scaling"]["cpus_per_worker"] or 1.0  # trials side by side
     base_cfg = build_config(with_params(base, {}, sweep.trial), f"{path}: base")
     root = sweep_dir(sweep, base_cfg)
     tune_dir = root / "tune"
