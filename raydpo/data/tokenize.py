@@ -125,3 +125,84 @@ def pad_token_id(tokenizer) -> int:
     if pid is None:
         raise ValueError("the tokenizer has neither a pad nor an EOS token")
     return pid
+
+
+def collate_shared(
+    pairs: list[TokenizedPair], pad_id: int, pad_to_multiple_of: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Prefix sharing: one right-padded row `[prompt; chosen; rejected]` per pair, so the prompt runs once.
+
+    With p, c, r the lengths of one pair's prompt, chosen and rejected ids, its row holds p + c + r
+    real tokens (`collate`'s two rows hold 2p + c + r). Under `attention_mask_4d` and
+    `position_ids` each response is computed exactly as in its own `prompt; response` row:
+
+    - `position_ids`: 0 … p + c - 1 on prompt and chosen, then p … p + r - 1 on rejected (as if the
+      rejected tokens followed the prompt directly); 0 on padding.
+    - `attention_mask_4d`: token q may attend to k iff both are real, k <= q, and not (q rejected,
+      k chosen). No real token attends to padding; a padding token attends only to itself, so no
+      row of the mask is empty (an all-masked row gives NaN in some SDPA kernels, and a NaN in the
+      padding's hidden states would poison parameter gradients).
+
+    The logits at position t score the token the row's *logical* sequence continues with, which
+    for the first rejected token is the prompt's last position (p - 1), not the last chosen token:
+    a shift of the labels cannot express that, hence the index tensors `*_src` / `*_tgt`.
+
+    Returns (B pairs, T = padded row width, R = the longest response in the batch):
+
+        input_ids          (B, T) long   pad_id on padding
+        attention_mask     (B, T) long   1 on real tokens (the count of computed tokens)
+        position_ids       (B, T) long
+        attention_mask_4d  (B, 1, T, T) bool, True where query may attend to key
+        chosen_labels      (B, T) long   the token id on chosen positions, -100 elsewhere (not shifted)
+        rejected_labels    (B, T) long   the same for rejected positions
+        chosen_src         (B, R) long   position whose logits predict chosen token j: p - 1 + j; 0 past c
+        chosen_tgt         (B, R) long   chosen token j; pad_id past c
+        chosen_mask        (B, R) bool   j < c
+        rejected_src       (B, R) long   p - 1 for j = 0, p + c + j - 1 for j >= 1; 0 past r
+        rejected_tgt       (B, R) long   rejected token j; pad_id past r
+        rejected_mask      (B, R) bool   j < r
+
+    `ops.logprobs.shared_prefix_logps` consumes this. Every prompt must be non-empty (nothing
+    would predict the first response token).
+    """
+    if any(not p.prompt_ids for p in pairs):
+        raise ValueError("collate_shared needs a non-empty prompt in every pair")
+    lengths = [(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
+    width = max(a + b + c for a, b, c in lengths)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    resp = max(max(c, r) for _, c, r in lengths)
+    n = len(pairs)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)  # (B, T)
+    position_ids = torch.zeros((n, width), dtype=torch.long)  # (B, T)
+    mask4 = torch.zeros((n, 1, width, width), dtype=torch.bool)  # (B, 1, T, T)
+    labels = {k: torch.full((n, width), IGNORE_INDEX, dtype=torch.long) for k in ("chosen", "rejected")}
+    src = {k: torch.zeros((n, resp), dtype=torch.long) for k in ("chosen", "rejected")}  # (B, R)
+    tgt = {k: torch.full((n, resp), pad_id, dtype=torch.long) for k in ("chosen", "rejected")}
+    valid = {k: torch.zeros((n, resp), dtype=torch.bool) for k in ("chosen", "rejected")}
+    causal = torch.ones((width, width), dtype=torch.bool).tril()  # (T, T)
+    for i, (pair, (p, c, r)) in enumerate(zip(pairs, lengths)):
+        total = p + c + r
+        input_ids[i, :total] = torch.tensor(pair.prompt_ids + pair.chosen_ids + pair.rejected_ids)
+        attention_mask[i, :total] = 1
+        position_ids[i, : p + c] = torch.arange(p + c)
+        position_ids[i, p + c : total] = torch.arange(p, p + r)
+        m = causal[:total, :total].clone()
+        m[p + c :, p : p + c] = False  # rejected never sees chosen
+        mask4[i, 0, :total, :total] = m
+        pad = torch.arange(total, width)
+        mask4[i, 0, pad, pad] = True  # padding sees only itself
+        labels["chosen"][i, p : p + c] = input_ids[i, p : p + c]
+        labels["rejected"][i, p + c : total] = input_ids[i, p + c : total]
+        src["chosen"][i, :c] = torch.arange(p - 1, p - 1 + c)
+        src["rejected"][i, :r] = torch.tensor(([p - 1] + list(range(p + c, total - 1)))[:r], dtype=torch.long)
+        tgt["chosen"][i, :c] = torch.tensor(pair.chosen_ids)
+        tgt["rejected"][i, :r] = torch.tensor(pair.rejected_ids)
+        valid["chosen"][i, :c] = True
+        valid["rejected"][i, :r] = True
+    out = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+           "attention_mask_4d": mask4}  # fmt: skip
+    for k in ("chosen", "rejected"):
+        out |= {f"{k}_labels": labels[k], f"{k}_src": src[k], f"{k}_tgt": tgt[k], f"{k}_mask": valid[k]}
+    return out

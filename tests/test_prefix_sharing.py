@@ -1,0 +1,272 @@
+"""Compute savers give `sequence_logps`'s numbers: prefix sharing (`collate_shared` +
+`shared_prefix_logps`) and response-only logits (`response_only_logps`), on tiny random-init models
+in float32, values and gradients to 1e-5."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, BloomConfig, MistralConfig, Qwen3Config
+
+from raydpo.data.tokenize import IGNORE_INDEX, TokenizedPair, collate, collate_shared
+from raydpo.models.tiny import build_model, build_tokenizer
+from raydpo.ops.logprobs import (
+    response_only_logps,
+    sequence_logps,
+    shared_prefix_logps,
+    supports_shared_prefix,
+)
+
+TOL = {"atol": 1e-5, "rtol": 0.0}
+# (prompt, chosen, rejected) lengths: every length differs somewhere, so both layouts pad
+SHAPES = [(7, 3, 5), (2, 6, 1), (5, 1, 4), (9, 4, 4)]
+STYLE = {"llama": "llama", "gpt2": "gpt2", "qwen2": "qwen", "mistral": "llama", "qwen3": "qwen"}
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def toks():
+    return {s: build_tokenizer(s) for s in ("llama", "gpt2", "qwen")}
+
+
+def make_model(toks, family: str, attn: str = "sdpa", **config):
+    tok = toks[STYLE[family]]
+    if family in ("llama", "gpt2", "qwen2"):
+        model = build_model(tok, arch=family)
+    else:
+        cls = {"mistral": MistralConfig, "qwen3": Qwen3Config}[family]
+        torch.manual_seed(0)
+        ids = dict(
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+        )
+        model = AutoModelForCausalLM.from_config(cls(vocab_size=len(tok), **SMALL, **ids, **config))
+    model.set_attn_implementation(attn)
+    return model.eval()  # GPT-2 has dropout
+
+
+def make_pairs(vocab: int, shapes=SHAPES, seed: int = 0) -> list[TokenizedPair]:
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(n):
+        return torch.randint(3, vocab, (n,), generator=g).tolist()
+
+    return [TokenizedPair(ids(p), ids(c), ids(r)) for p, c, r in shapes]
+
+
+def two_rows(model, pairs, fn=sequence_logps, **kw):
+    b = collate(pairs, pad_id=0)
+    out = fn(model, b["input_ids"], b["attention_mask"], b["labels"], **kw)
+    n = len(pairs)
+    return [type(out)(*(x[s] for x in out)) for s in (slice(0, n), slice(n, 2 * n))]
+
+
+def assert_same(got, want):
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.sum, w.sum, **TOL)
+        torch.testing.assert_close(g.mean, w.mean, **TOL)
+        assert g.n_tokens.tolist() == w.n_tokens.tolist()
+
+
+def some_params(model) -> list[torch.nn.Parameter]:
+    """First, middle and last two trainable parameters (embeddings, a block, final norm / head)."""
+    ps = [p for p in model.parameters() if p.requires_grad]
+    return [ps[0], ps[len(ps) // 2], ps[-2], ps[-1]]
+
+
+def grads(model, loss):
+    return torch.autograd.grad(loss, some_params(model))
+
+
+# --- layout --------------------------------------------------------------------------------------
+
+
+def test_collate_shared_layout():
+    """One pair [1 2 3 | 4 5 | 6 7 8] and a shorter one [9 | 10 | 11 12], padded with 0."""
+    pairs = [TokenizedPair([1, 2, 3], [4, 5], [6, 7, 8]), TokenizedPair([9], [10], [11, 12])]
+    b = collate_shared(pairs, pad_id=0)
+    I = IGNORE_INDEX  # noqa: E741
+    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 0, 0, 0, 0]]
+    assert b["attention_mask"].tolist() == [[1] * 8, [1] * 4 + [0] * 4]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 4, 5], [0, 1, 1, 2, 0, 0, 0, 0]]
+    assert b["chosen_labels"].tolist() == [[I, I, I, 4, 5, I, I, I], [I, 10, I, I, I, I, I, I]]
+    assert b["rejected_labels"].tolist() == [[I, I, I, I, I, 6, 7, 8], [I, I, 11, 12, I, I, I, I]]
+    # the logits predicting a rejected token: the prompt's last position first, then its own tokens
+    assert b["chosen_src"].tolist() == [[2, 3, 0], [0, 0, 0]]
+    assert b["rejected_src"].tolist() == [[2, 5, 6], [0, 2, 0]]
+    assert b["chosen_tgt"].tolist() == [[4, 5, 0], [10, 0, 0]]
+    assert b["rejected_tgt"].tolist() == [[6, 7, 8], [11, 12, 0]]
+    assert b["chosen_mask"].tolist() == [[True, True, False], [True, False, False]]
+    assert b["rejected_mask"].tolist() == [[True, True, True], [True, True, False]]
+    m = b["attention_mask_4d"].int()
+    assert m.shape == (2, 1, 8, 8)
+    assert m[0, 0].tolist() == [
+        [1, 0, 0, 0, 0, 0, 0, 0],  # prompt: causal
+        [1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0, 0],  # chosen: prompt + itself, causal
+        [1, 1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0, 1, 0, 0],  # rejected: prompt + itself, never chosen
+        [1, 1, 1, 0, 0, 1, 1, 0],
+        [1, 1, 1, 0, 0, 1, 1, 1],
+    ]
+    assert m[1, 0].tolist() == [
+        [1, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 0, 1, 0, 0, 0, 0, 0],
+        [1, 0, 1, 1, 0, 0, 0, 0],
+        [0, 0, 0, 0, 1, 0, 0, 0],  # padding: only itself, and no real token sees it
+        [0, 0, 0, 0, 0, 1, 0, 0],
+        [0, 0, 0, 0, 0, 0, 1, 0],
+        [0, 0, 0, 0, 0, 0, 0, 1],
+    ]
+    with pytest.raises(ValueError, match="non-empty prompt"):
+        collate_shared([TokenizedPair([], [1], [2])], pad_id=0)
+
+
+def test_shared_layout_saves_40_percent_with_prompts_4x_responses():
+    """Real tokens computed: collate's 2 rows hold 2p + c + r, the shared row p + c + r."""
+    shapes = [(40, 10, 10), (32, 6, 10), (48, 12, 12), (20, 5, 5), (64, 20, 12)]  # c + r = 2p / 4
+    pairs = make_pairs(500, shapes)
+    two = collate(pairs, pad_id=0)["attention_mask"].sum().item()
+    shared = collate_shared(pairs, pad_id=0)["attention_mask"].sum().item()
+    assert two == sum(2 * p + c + r for p, c, r in shapes) == 510
+    assert shared == sum(p + c + r for p, c, r in shapes) == 306
+    assert 1 - shared / two == pytest.approx(0.4, abs=0.005)
+
+
+# --- prefix sharing ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "mistral", "qwen3"])
+def test_shared_prefix_equals_two_rows(toks, family, attn):
+    model = make_model(toks, family, attn)
+    assert supports_shared_prefix(model)
+    pairs = make_pairs(model.config.vocab_size)
+    batch = collate_shared(pairs, pad_id=0)
+    with torch.no_grad():
+        want = two_rows(model, pairs)
+        assert_same(shared_prefix_logps(model, batch), want)
+        assert_same(shared_prefix_logps(model, batch, response_only=True, chunk=5), want)
+        # negative control: if the rejected tokens could see the chosen ones, the rejected log-probs move
+        real = batch["attention_mask"].bool()
+        causal = torch.ones(real.shape[1], real.shape[1], dtype=torch.bool).tril()
+        leak = real[:, None, :, None] & real[:, None, None, :] & causal
+        chosen, rejected = shared_prefix_logps(
+            model, dict(batch, attention_mask_4d=batch["attention_mask_4d"] | leak)
+        )
+    torch.testing.assert_close(chosen.sum, want[0].sum, **TOL)
+    assert (rejected.sum - want[1].sum).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("response_only", [False, True])
+def test_shared_prefix_gradients_equal_two_rows(toks, response_only):
+    model = make_model(toks, "llama", "sdpa")
+    pairs = make_pairs(model.config.vocab_size)
+    want_c, want_r = two_rows(model, pairs)
+    got_c, got_r = shared_prefix_logps(model, collate_shared(pairs, pad_id=0), response_only, chunk=4)
+    want = grads(model, want_c.sum.sum() - 0.5 * want_r.mean.sum())
+    got = grads(model, got_c.sum.sum() - 0.5 * got_r.mean.sum())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **TOL)
+
+
+def test_unsupported_models_say_so(toks):
+    """A family not verified (BLOOM builds ALiBi from a 2-D mask) and a backend without 4-D masks."""
+    tok = toks["llama"]
+    torch.manual_seed(0)
+    bloom = AutoModelForCausalLM.from_config(
+        BloomConfig(vocab_size=len(tok), hidden_size=32, n_layer=1, n_head=2)
+    )
+    llama = make_model(toks, "llama")
+    llama.config._attn_implementation = "flash_attention_2"  # the check only reads the setting
+    batch = collate_shared(make_pairs(len(tok)), pad_id=0)
+    for model, why in ((bloom, "bloom"), (llama, "flash_attention_2")):
+        assert not supports_shared_prefix(model)
+        with pytest.raises(NotImplementedError, match=why):
+            shared_prefix_logps(model, batch)
+
+
+def test_sliding_window_longer_than_the_sequence_is_refused(toks):
+    """Mistral's window is not part of the 4-D mask: refuse rows longer than it (9 + 4 > 8)."""
+    model = make_model(toks, "mistral", sliding_window=8)
+    with pytest.raises(NotImplementedError, match="sliding window"):
+        shared_prefix_logps(model, collate_shared(make_pairs(model.config.vocab_size), pad_id=0))
+
+
+# --- response-only logits ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk", [1024, 3])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
+def test_response_only_equals_sequence_logps(toks, family, chunk):
+    model = make_model(toks, family)
+    pairs = make_pairs(model.config.vocab_size)
+    with torch.no_grad():
+        assert_same(two_rows(model, pairs, response_only_logps, chunk=chunk), two_rows(model, pairs))
+    got = two_rows(model, pairs, response_only_logps, chunk=chunk)
+    want = two_rows(model, pairs)
+    assert_same(got, want)
+    loss = lambda out: out[0].sum.sum() - 0.3 * out[1].mean.sum()  # noqa: E731
+    for g, w in zip(grads(model, loss(got)), grads(model, loss(want))):
+        torch.testing.assert_close(g, w, **TOL)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_response_only_under_lora(toks, family):
+    """A PEFT LoRA policy (adapters on attention and, for Llama, on the LM head itself)."""
+    peft = pytest.importorskip("peft", reason="peft is not installed")
+    targets = ["q_proj", "v_proj", "lm_head"] if family == "llama" else ["c_attn"]
+    model = make_model(toks, family)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)  # B != 0
+    policy = peft.get_peft_model(model, cfg).eval()
+    if policy.get_output_embeddings() is None:
+        pytest.skip("peft does not expose get_output_embeddings() on this model: no LM head to apply")
+    pairs = make_pairs(model.config.vocab_size)
+    got = two_rows(policy, pairs, response_only_logps, chunk=4)
+    want = two_rows(policy, pairs)
+    assert_same(got, want)
+    lora = [p for n, p in policy.named_parameters() if "lora_" in n]
+    assert lora and all(p.requires_grad for p in lora)
+    g = torch.autograd.grad(got[0].sum.sum() + got[1].sum.sum(), lora)
+    w = torch.autograd.grad(want[0].sum.sum() + want[1].sum.sum(), lora)
+    for a, b in zip(g, w):
+        torch.testing.assert_close(a, b, **TOL)
+    with torch.no_grad(), policy.disable_adapter():  # the reference path DPO uses under LoRA
+        assert_same(two_rows(policy, pairs, response_only_logps), two_rows(policy, pairs))
+
+
+@pytest.mark.parametrize("field,value", [("final_logit_softcapping", 30.0), ("logit_scale", 0.0625),
+                                         ("logits_scaling", 8.0)])  # fmt: skip
+def test_response_only_refuses_logit_transforms(toks, field, value):
+    """Gemma 2/3 soft-cap, Cohere scales, Granite divides the logits after the head."""
+    model = make_model(toks, "llama")
+    setattr(model.config, field, value)
+    b = collate(make_pairs(model.config.vocab_size), pad_id=0)
+    with pytest.raises(NotImplementedError, match=field):
+        response_only_logps(model, b["input_ids"], b["attention_mask"], b["labels"])
+    with pytest.raises(NotImplementedError, match=field):
+        shared_prefix_logps(model, collate_shared(make_pairs(model.config.vocab_size), pad_id=0), True)
+
+
+def test_response_only_through_ddp(toks, tmp_path):
+    """Through a (world size 1, gloo) DDP wrapper, as in training: the full forward runs."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = make_model(toks, "llama")
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        pairs = make_pairs(model.config.vocab_size)
+        got = two_rows(ddp, pairs, response_only_logps, chunk=4)
+        want = two_rows(model, pairs)
+        assert_same(got, want)
+        (got[0].sum.sum() + got[1].sum.sum()).backward()
+        g = [p.grad.clone() for p in some_params(model)]
+        model.zero_grad()
+        w = grads(model, want[0].sum.sum() + want[1].sum.sum())
+        for a, b in zip(g, w):
+            torch.testing.assert_close(a, b, **TOL)
+    finally:
+        dist.destroy_process_group()
