@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -10,8 +11,8 @@ import pytest
 from raydpo.config import ColumnsConfig, DataConfig
 from raydpo.data import readers
 from raydpo.data.builtin import tiny_prefs
-from raydpo.data.readers import UnreadableRow, decode_jsonl_line, detect_format, iter_rows
-from raydpo.data.schema import REASONS, BadRow, PreferenceRecord, TextRecord
+from raydpo.data.readers import UnreadableRow, decode_jsonl_line, detect_format, iter_rows, jsonl_lines
+from raydpo.data.schema import REASONS, BadRow, ChatRecord, PreferenceRecord, TextRecord
 from raydpo.data.validate import (
     Quarantine,
     QuarantineReport,
@@ -19,6 +20,7 @@ from raydpo.data.validate import (
     chat_renderer,
     check_bad_fraction,
     check_row,
+    first_format,
     quarantine_raw,
     validate_rows,
     validate_source,
@@ -353,23 +355,96 @@ def test_conversational_errors():
     assert e.value.reason == "chat_template" and "no system role" in e.value.detail
 
 
-def test_conversational_data_needs_a_chat_template(tmp_path: Path):
+CHAT_ROW = {
+    "prompt": [msg("user", "hi")],
+    "chosen": [msg("assistant", "yes")],
+    "rejected": [msg("assistant", "no")],
+}
+
+
+def test_conversational_data_without_a_template_is_checked_for_structure(tmp_path: Path):
+    """`raydpo data validate` without --tokenizer: conversational rows are checked (roles, content
+    strings, the prompt/response split), kept unrendered, and the summary says rendering was not
+    checked; with a template they are rendered."""
     with pytest.raises(DataError, match="needs a tokenizer with a chat template; .* has none"):
         chat_renderer(tiny_tokenizer(template=None))
-    path = write_jsonl(
-        tmp_path / "chat.jsonl",
-        [
-            {
-                "prompt": [msg("user", "hi")],
-                "chosen": [msg("assistant", "a")],
-                "rejected": [msg("assistant", "b")],
-            }
-        ],
+    rows = [
+        CHAT_ROW,
+        {**CHAT_ROW, "chosen": [msg("", "yes")]},  # 1: blank role
+        {**CHAT_ROW, "chosen": [{"role": "assistant", "content": ["yes"]}]},  # 2: non-string content
+        {**CHAT_ROW, "rejected": [{"content": "no"}]},  # 3: no role
+        {**CHAT_ROW, "chosen": [msg("user", "yes")]},  # 4: a response that is not the assistant's
+        {
+            "chosen": [msg("user", "hi"), msg("assistant", "a")],
+            "rejected": [msg("user", "hi"), msg("user", "b")],
+        },
+        {
+            "id": 6,
+            "chosen": [msg("user", "hi"), msg("assistant", "a")],
+            "rejected": [msg("user", "hi"), msg("assistant", "b")],
+        },  # fmt: skip
+    ]
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    cfg = DataConfig(source=str(path), max_bad_fraction=1.0)
+    records, report = validate_source(cfg, tmp_path / "q.jsonl")
+    assert records == [
+        ChatRecord(CHAT_ROW["prompt"], CHAT_ROW["chosen"], CHAT_ROW["rejected"]),
+        ChatRecord([msg("user", "hi")], [msg("assistant", "a")], [msg("assistant", "b")], "6"),
+    ]
+    assert report.counts == {"bad_message": 5} and report.format == "conversational"
+    details = [q["detail"] for q in read_quarantine(tmp_path / "q.jsonl")]
+    assert details == [
+        "chosen[0]: 'role' is empty",
+        "chosen[0]: 'content' must be a str, got a list",
+        "rejected[0]: 'role' must be a str, got missing",
+        "the 'chosen' response starts with a 'user' message, not 'assistant'",
+        "the 'rejected' response starts with a 'user' message, not 'assistant'",
+    ]
+    summary = report.summary()
+    assert "conversational rows: structure checked; rendering not checked (pass --tokenizer)" in summary
+
+    render = chat_renderer(tiny_tokenizer())
+    records, report = validate_source(cfg, tmp_path / "q.jsonl", render_chat=render)
+    assert records[0] == PreferenceRecord("<|user|>hi\n<|assistant|>", "yes\n", "no\n")
+    assert report.kept == 2 and "rendering not checked" not in report.summary()
+    assert "conversational rows: structure checked and rendered with the chat template" in report.summary()
+    plain = write_jsonl(tmp_path / "plain.jsonl", GOOD)
+    _, report = validate_source(DataConfig(source=str(plain)), tmp_path / "q.jsonl")
+    assert report.format == "standard" and "conversational rows" not in report.summary()
+
+
+def test_the_first_valid_row_decides_the_format_and_other_rows_are_mixed_format(tmp_path: Path):
+    """A conversational row among strings (or the reverse) is quarantined as mixed_format, not a
+    whole-run abort; rows before the first valid one are bad for their own reasons."""
+    rows = [
+        {"prompt": [msg("user", "hi")], "chosen": [], "rejected": []},  # 0: bad, and not counted
+        GOOD[0],  # 1: the first valid row: strings
+        CHAT_ROW,  # 2: mixed_format
+        {**CHAT_ROW, "chosen": [{"role": "assistant"}]},  # 3: a malformed chat row keeps its own reason
+        GOOD[1],
+    ]
+    path = write_jsonl(tmp_path / "m.jsonl", rows)
+    cfg = DataConfig(source=str(path), max_bad_fraction=1.0)
+    records, report = validate_source(cfg, tmp_path / "q.jsonl")
+    assert records == GOOD_RECORDS[:2] and report.format == "standard"
+    lines = read_quarantine(tmp_path / "q.jsonl")
+    assert [(q["row"], q["reason"]) for q in lines] == [
+        (0, "empty_text"),
+        (2, "mixed_format"),
+        (3, "bad_message"),
+    ]
+    assert lines[1]["detail"] == (
+        "a conversational row (prompt/chosen/rejected as message lists) in a standard source; "
+        "the source's first valid row decides its format"
     )
-    qpath = tmp_path / "q.jsonl"
-    with pytest.raises(DataError, match=r"row 0: this dataset is conversational.*chat template"):
-        validate_source(DataConfig(source=str(path)), qpath)
-    assert not qpath.exists() and not (tmp_path / "q.jsonl.tmp").exists()
+    # the reverse: a chat source with a string row
+    path = write_jsonl(tmp_path / "r.jsonl", [CHAT_ROW, GOOD[0], CHAT_ROW])
+    records, report = validate_source(
+        DataConfig(source=str(path), max_bad_fraction=1.0), tmp_path / "q.jsonl"
+    )
+    assert len(records) == 2 and report.counts == {"mixed_format": 1} and report.format == "conversational"
+    assert first_format(iter_rows(str(path)), ColumnsConfig()) == "conversational"
+    assert first_format([(0, BadRow("undecodable", "x")), (1, {"x": 1})], ColumnsConfig()) is None
 
 
 def test_standard_row_checks():
@@ -589,6 +664,99 @@ def test_jsonl_line_decoder():
     assert decode_jsonl_line(b'"text"').detail == "a JSON str, not an object"  # no line number given
 
 
+@pytest.mark.parametrize(
+    "line, detail",
+    [
+        (
+            b'{"prompt": "\\ud800", "chosen": " a", "rejected": " b"}',
+            "line 2: invalid Unicode: a lone surrogate",
+        ),
+        (b'{"\\udc00": 1}', "line 2: invalid Unicode: a lone surrogate"),  # in a key
+        (b'{"a": [[{"b": "x\\uDFFFy"}]]}', "line 2: invalid Unicode: a lone surrogate"),  # nested, upper case
+        (b"[" * 100_000 + b"]" * 100_000, "line 2: JSON nested too deeply to read"),
+        (b'{"id": ' + b"7" * 5000 + b"}", "line 2: Exceeds the limit (4300 digits)"),  # int_max_str_digits
+        (b'{"a": "\xed\xa0\x80"}', "line 2: invalid UTF-8"),  # a surrogate encoded in UTF-8
+    ],
+)
+def test_jsonl_lines_that_are_not_unicode_text_are_undecodable(line: bytes, detail: str):
+    """Lone surrogate escapes are JSON syntax but not text (tokenizers reject them); deep nesting and
+    huge integers make `json.loads` raise other errors than JSONDecodeError: all are bad rows."""
+    bad = decode_jsonl_line(line, 2)
+    assert isinstance(bad, UnreadableRow) and bad.reason == "undecodable", bad
+    assert bad.detail.startswith(detail) and "\n" not in bad.detail
+    assert decode_jsonl_line(b'{"a": "\\ud83d\\ude00 \\\\ud800"}') == {
+        "a": "\U0001f600 \\ud800"
+    }  # a pair; text
+
+
+def test_jsonl_lines_split_on_newlines_only_and_drop_a_bom():
+    data = b'\xef\xbb\xbf{"a": 1}\n \t\n{"b": "x\xe2\x80\xa8y\rz"}\r\n\n'  # U+2028 and \r inside a line
+    assert list(jsonl_lines(io.BytesIO(data))) == [(1, b'{"a": 1}\n'), (3, b'{"b": "x\xe2\x80\xa8y\rz"}\r\n')]
+
+
+def test_jsonl_reader_streams_the_file(tmp_path: Path):
+    """Rows come from the open file line by line: reading a 6 MB file peaks far below its size."""
+    import tracemalloc
+
+    path = tmp_path / "big.jsonl"
+    row = json.dumps({"prompt": "p" * 3000, "chosen": " a" * 1000, "rejected": " b" * 1000}).encode()
+    path.write_bytes((row + b"\n") * 1200)
+    assert path.stat().st_size > 6_000_000
+    tracemalloc.start()
+    try:
+        n = sum(1 for _ in iter_rows(str(path)))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert n == 1200 and peak < 500_000, peak
+
+
+def test_empty_sources_name_the_file_and_say_why(tmp_path: Path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    blank = tmp_path / "blank.jsonl"
+    blank.write_bytes(b"\n  \n\t\n")
+    with pytest.raises(DataError) as e:
+        validate_source(DataConfig(source=str(empty)), tmp_path / "q.jsonl")
+    assert str(e.value) == f"{empty} has no rows: the file is empty"
+    with pytest.raises(DataError) as e:
+        validate_source(DataConfig(source=str(blank)), tmp_path / "q.jsonl")
+    assert str(e.value) == f"{blank} has no rows: every line of the file is blank"
+
+
+def test_train_preflight_refuses_empty_small_and_unrenderable_sources(tmp_path: Path):
+    """`raydpo train` checks its data on the driver before Ray starts (`pipeline.preflight`), each
+    problem one line naming the file and saying why (the CLI prints it and exits 2)."""
+    from raydpo.config import build_config
+    from raydpo.data.pipeline import preflight
+
+    def cfg(source: Path, **over):
+        return build_config({"data": {"source": str(source), **over}, "train": {"batch_size": 8}})
+
+    tok = tiny_tokenizer()
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError, match=f"^{empty} has no rows: the file is empty$"):
+        preflight(cfg(empty), tok, str(empty))
+    three = write_jsonl(tmp_path / "three.jsonl", GOOD)
+    with pytest.raises(DataError) as e:
+        preflight(cfg(three), tok, str(three))
+    assert str(e.value) == (
+        f"{three}: 3 rows, fewer than one global batch of 8 (train.batch_size=8 × scaling.num_workers=1); "
+        "add rows or lower train.batch_size"
+    )
+    ten = write_jsonl(tmp_path / "ten.jsonl", GOOD * 4)
+    preflight(cfg(ten), tok, str(ten))
+    with pytest.raises(DataError, match=r"4 rows, fewer than one global batch of 8 \(.*, data.max_rows=4\)"):
+        preflight(cfg(ten, max_rows=4), tok, str(ten))
+    c = cfg(ten, eval_source=str(three))
+    preflight(c, tok, str(three))  # an eval source needs rows, not a whole batch
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"x": 1}, CHAT_ROW] * 8)  # the first valid row is chat
+    preflight(cfg(chat), tok, str(chat))
+    with pytest.raises(DataError, match=f"^{chat}: the data is conversational .* has no chat template"):
+        preflight(cfg(chat), tiny_tokenizer(template=None), str(chat))
+
+
 def test_hf_rows_reach_the_pipeline_with_their_problems(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A saved HF dataset's bad row is judged like `validate_source` judges it, and a row the
     reader cannot read is carried to the actor stage with its reason, not dropped."""
@@ -619,3 +787,73 @@ def test_hf_rows_reach_the_pipeline_with_their_problems(tmp_path: Path, monkeypa
     assert piped == outcomes(iter_rows("builtin:broken"))
     assert piped[1] == ("undecodable", "record 1: cannot be read", "<raw bytes>")
     assert piped[2] == ("wrong_type", "record 2: not a mapping", None)
+
+
+# ----------------------------------------------------------------------------- builtin:tiny-qwen
+
+
+QWEN_PROMPT = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_builtin_tiny_qwen_tokenizes_conversational_pairs_offline():
+    """`builtin:tiny-qwen` is a chat model (ChatML): conversational data renders and tokenizes."""
+    from raydpo.config import ModelConfig
+    from raydpo.data.tokenize import tokenize_pair
+    from raydpo.models.loading import load_tokenizer, resolve_model_path
+    from raydpo.models.tiny import BUILTIN_MODELS
+
+    assert BUILTIN_MODELS["builtin:tiny-qwen"] == ("qwen", "qwen2")
+    tok = load_tokenizer(ModelConfig(policy="builtin:tiny-qwen"))
+    config = json.loads((Path(resolve_model_path("builtin:tiny-qwen")) / "config.json").read_text())
+    assert config["model_type"] == "qwen2" and tok.bos_token_id is None
+    rec = check_row(CHAT_ROW, ColumnsConfig(), chat_renderer(tok))
+    assert rec == PreferenceRecord(QWEN_PROMPT, "yes<|im_end|>\n", "no<|im_end|>\n")
+    pair = tokenize_pair(rec, tok, 64, 32)
+    assert tok.decode(pair.prompt_ids) == QWEN_PROMPT
+    assert (
+        tok.decode(pair.chosen_ids) == "yes<|im_end|>\n<|endoftext|>"
+        and pair.chosen_ids[-1] == tok.eos_token_id
+    )
+    assert tok.convert_tokens_to_ids("<|im_end|>") in pair.rejected_ids
+
+
+@pytest.mark.ray
+def test_tiny_qwen_pipeline_tokenizes_conversational_pairs(ray_local, tmp_path: Path):
+    """What `raydpo train model.policy=builtin:tiny-qwen data.source=<chat jsonl>` prepares: the
+    driver's preflight passes, and the Ray Data stage renders and tokenizes every pair exactly as
+    `check_row` + `tokenize_pair` do; a string row among them is quarantined as mixed_format.
+    (The policy is given as the directory `builtin:tiny-qwen` resolves to, so that Ray's workers,
+    started before the per-test RAYDPO_CACHE, use the same cache.)"""
+    from raydpo.config import build_config
+    from raydpo.data.pipeline import preflight, prepare_dataset
+    from raydpo.data.tokenize import tokenize_pair
+    from raydpo.models.loading import load_tokenizer, resolve_model_path
+
+    rows = [
+        {"id": i, "prompt": [msg("system", "be brief"), msg("user", f"question {i}")],
+         "chosen": [msg("assistant", f"yes {i}")], "rejected": [msg("assistant", f"no {i}")]}
+        for i in range(8)
+    ]  # fmt: skip
+    path = write_jsonl(tmp_path / "chat.jsonl", [*rows[:4], GOOD[0], *rows[4:]])
+    policy = resolve_model_path("builtin:tiny-qwen")
+    cfg = build_config({"model": {"policy": policy}, "train": {"batch_size": 8},
+                        "data": {"source": str(path), "max_bad_fraction": 0.2, "max_length": 64,
+                                 "max_prompt_length": 32}})  # fmt: skip
+    tok = load_tokenizer(cfg.model)
+    preflight(cfg, tok, str(path))
+    good, report = prepare_dataset(cfg, str(path), tmp_path / "q.jsonl")
+    assert (report.total, report.kept, report.counts) == (9, 8, {"mixed_format": 1})
+    assert report.format == "conversational" and report.rendered
+    assert read_quarantine(tmp_path / "q.jsonl")[0]["row"] == 4
+    render = chat_renderer(tok)
+    want = {str(r["id"]): tokenize_pair(check_row(r, ColumnsConfig(), render), tok, 64, 32) for r in rows}
+    got = {r["id"]: r for r in good.take_all()}
+    assert set(got) == set(want)
+    for i, pair in want.items():
+        assert list(got[i]["prompt_ids"]) == pair.prompt_ids and tok.decode(pair.prompt_ids).endswith(
+            "<|im_start|>assistant\n"
+        )
+        assert (
+            list(got[i]["chosen_ids"]) == pair.chosen_ids
+            and list(got[i]["rejected_ids"]) == pair.rejected_ids
+        )

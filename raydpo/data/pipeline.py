@@ -7,10 +7,16 @@ Parquet, Hugging Face and built-in sources, the row encoded as JSON by this modu
 came from). One actor stage holding the tokenizer decodes each line once, with the readers' own
 decoder (`readers.decode_jsonl_line`), checks it with the same `validate.check_row` that
 `raydpo data validate` uses, and turns it into token ids or into a quarantine entry with its reason.
+The source's format (standard or conversational: `validate.first_format`, its first valid row) is
+decided on the driver before the stage runs, so every actor quarantines a row of the other format
+("mixed_format") exactly as `raydpo data validate` does.
 Bad rows are written to the quarantine file on the driver (their number is bounded by
 `max_bad_fraction` or the run stops). `row` is the row index for JSON lines and for Hugging Face
 and built-in sources; Parquet is read in parallel blocks without a global index, so `row` is the
 row's id there (null without one). A quarantine line's `raw` is what `raydpo data validate` writes.
+
+Memory: the readers stream a JSON-lines file line by line, but here `read_binary_files` reads each
+file whole into one block, which `_split_lines` then splits; a file must fit in one worker's memory.
 """
 
 from __future__ import annotations
@@ -27,13 +33,16 @@ from ray.data.expressions import col
 
 from raydpo.config import DataConfig, ModelConfig, RunConfig
 from raydpo.data.readers import Row, UnreadableRow, decode_jsonl_line, detect_format, iter_rows, jsonl_lines
-from raydpo.data.schema import BadRow, TextRecord
+from raydpo.data.schema import CONVERSATIONAL, BadRow, ChatRecord, TextRecord
 from raydpo.data.tokenize import tokenize_pair, tokenize_text
 from raydpo.data.validate import (
+    NO_RENDERER,
     Quarantine,
     chat_renderer,
     check_bad_fraction,
     check_row,
+    first_format,
+    no_rows,
     quarantine_raw,
     report_of,
 )
@@ -114,6 +123,7 @@ class PreparePairs:
     model_cfg: dict = {}  # set by `preparer` on a subclass, so actors take no constructor arguments
     data_cfg: dict = {}
     texts: bool = False  # rows are SFT texts (or prompt + completion) rather than preference pairs
+    fmt: str | None = None  # the source's format (`validate.first_format`), decided on the driver
 
     def __init__(self):
         self.data = DataConfig.model_validate(self.data_cfg)
@@ -122,7 +132,9 @@ class PreparePairs:
 
     def one(self, row: Row) -> dict:
         """One row → its token ids (BadRow when validation or tokenization rejects it)."""
-        rec = check_row(row, self.data.columns, self.render, self.texts)
+        rec = check_row(row, self.data.columns, self.render, self.texts, self.fmt)
+        if isinstance(rec, ChatRecord):  # `prepare_dataset` refuses this case on the driver first
+            raise DataError(NO_RENDERER)
         d = self.data
         if isinstance(rec, TextRecord):
             pair = tokenize_text(
@@ -152,22 +164,55 @@ class PreparePairs:
         return cols
 
 
-def preparer(cfg: RunConfig, texts: bool = False) -> type[PreparePairs]:
-    """PreparePairs bound to this run's model and data configs."""
-    attrs = {"model_cfg": cfg.model.model_dump(), "data_cfg": cfg.data.model_dump(), "texts": texts}
+def preparer(cfg: RunConfig, texts: bool = False, fmt: str | None = None) -> type[PreparePairs]:
+    """PreparePairs bound to this run's model and data configs and the source's format."""
+    attrs = {"model_cfg": cfg.model.model_dump(), "data_cfg": cfg.data.model_dump(), "texts": texts,
+             "fmt": fmt}  # fmt: skip
     return type("PreparePairs", (PreparePairs,), attrs)
 
 
+PREFLIGHT_ROWS = 1000  # preflight reads at most this many rows (or one global batch) of a source
+
+
+def global_batch(cfg: RunConfig) -> tuple[int, str]:
+    """Rows in one global batch of training, and how that number comes about (for messages)."""
+    b, w = cfg.train.batch_size, cfg.scaling.num_workers
+    return b * w, f"train.batch_size={b} × scaling.num_workers={w}"
+
+
+def _check_chat_template(cfg: RunConfig, tokenizer, source: str) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        name = cfg.model.tokenizer or cfg.model.policy
+        raise DataError(
+            f"{source}: the data is conversational (lists of messages) but the tokenizer of "
+            f"{name!r} has no chat template; use a chat model's tokenizer (e.g. builtin:tiny-qwen) "
+            "or set model.tokenizer"
+        )
+
+
 def preflight(cfg: RunConfig, tokenizer, source: str) -> None:
-    """Checks on the driver before any Ray work: the source exists and, if conversational, can be rendered."""
-    for _, row in iter_rows(source, cfg.data.format, cfg.data.split, max_rows=1):
-        if isinstance(row, dict) and any(isinstance(v, list) for v in row.values()):
-            if not getattr(tokenizer, "chat_template", None):
-                name = cfg.model.tokenizer or cfg.model.policy
-                raise DataError(
-                    f"{source}: the data is conversational (lists of messages) but the tokenizer of "
-                    f"{name!r} has no chat template; use a chat model's tokenizer or set model.tokenizer"
-                )
+    """Checks on the driver before any Ray work, each a one-line DataError naming `source`: it exists
+    and has rows; if conversational (its first valid row, among the first PREFLIGHT_ROWS), the
+    tokenizer can render it; the training source (`data.source`) has rows for one global batch."""
+    d = cfg.data
+    need, how = global_batch(cfg) if source == d.source else (1, "")
+    n, fmt = 0, None
+    for i, row in iter_rows(source, d.format, d.split, d.max_rows):
+        n += 1
+        if fmt is None:
+            fmt = first_format([(i, row)], d.columns)
+        if n >= need and (fmt is not None or n >= PREFLIGHT_ROWS):
+            break
+    if n == 0:
+        raise DataError(no_rows(source))
+    if fmt == CONVERSATIONAL:
+        _check_chat_template(cfg, tokenizer, source)
+    if n < need:
+        capped = f", data.max_rows={d.max_rows}" if d.max_rows and d.max_rows < need else ""
+        raise DataError(
+            f"{source}: {n} rows, fewer than one global batch of {need} ({how}{capped}); "
+            "add rows or lower train.batch_size"
+        )
 
 
 def _no_restarts() -> dict:
@@ -178,11 +223,15 @@ def prepare_dataset(
     cfg: RunConfig, source: str, quarantine_path: Path, concurrency: int = 1, texts: bool = False
 ):
     """Validated, tokenized pairs (or SFT texts) of `source` as a materialized Dataset, plus the
-    quarantine report."""
+    quarantine report. The training source (`data.source`) must keep rows for one global batch."""
+    d = cfg.data
+    fmt = None if texts else first_format(iter_rows(source, d.format, d.split, d.max_rows), d.columns)
+    if fmt == CONVERSATIONAL:  # a one-line error here rather than a failed actor stage
+        _check_chat_template(cfg, load_tokenizer(cfg.model), source)
     with warnings.catch_warnings():  # the only way to set max_restarts=0 until Ray 2.64 names it
         warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*")
         ds = source_dataset(cfg.data, source).map_batches(
-            preparer(cfg, texts),
+            preparer(cfg, texts, fmt),
             compute=ray.data.ActorPoolStrategy(size=concurrency),
             batch_size=256,
             batch_format="numpy",
@@ -201,8 +250,15 @@ def prepare_dataset(
             )
             q.add(source, row, BadRow(r["reason"], r["detail"]), raw)
         q.close()
-    report = report_of(q, source, total, total - len(bad))
+    report = report_of(q, source, total, total - len(bad), fmt, rendered=True)
     check_bad_fraction(report, cfg.data.max_bad_fraction)
+    need, how = global_batch(cfg)
+    if source == cfg.data.source and report.kept < need:
+        where = f"; {report.bad} quarantined, see {report.path}" if report.path else ""
+        raise DataError(
+            f"{source}: {report.kept} valid rows (of {report.total}{where}) do not fill one global "
+            f"batch of {need} ({how}); add rows or lower train.batch_size"
+        )
     ok = col("ok") == True  # noqa: E712 (builds a Ray Data expression)
     good = ds.filter(expr=ok).select_columns(["id", *PAIR_COLUMNS]).materialize()
     return good, report

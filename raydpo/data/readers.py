@@ -8,8 +8,9 @@ blank lines are not numbered, so row indices agree with the same data in parquet
 
 Sources (`fmt="auto"` picks one from the string):
 - `builtin:tiny-prefs`             rows built in memory (`raydpo.data.builtin`), no download;
-- `*.jsonl` / `*.json` (JSON lines) read as bytes, line by line (`jsonl_lines`), each line decoded
-                                    once by `decode_jsonl_line`, which the Ray pipeline uses too;
+- `*.jsonl` / `*.json` (JSON lines) streamed: lines are iterated from the open binary file (never
+                                    the whole file in memory), split by `jsonl_lines` and each decoded
+                                    once by `decode_jsonl_line`; the Ray pipeline uses both too;
 - `*.parquet`                       streamed by record batches with pyarrow;
 - a `save_to_disk` directory        `datasets.load_from_disk` (a DatasetDict: pick `split`);
 - `owner/name` (not a local path)   a Hugging Face hub dataset, `datasets.load_dataset`.
@@ -113,26 +114,36 @@ def _existing_file(source: str) -> Path:
 
 
 def _jsonl_rows(path: Path) -> Iterator[Row]:
-    """One row per non-blank line, decoded by `decode_jsonl_line`."""
+    """One row per non-blank line, decoded by `decode_jsonl_line`. A stream: the open file is iterated
+    line by line (buffered reads), so memory holds one line at a time, whatever the file's size."""
     with path.open("rb") as f:
         for line_no, line in jsonl_lines(f):
             yield decode_jsonl_line(line, line_no)
 
 
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark, which some editors put at the start of a file
+
+
 def jsonl_lines(lines: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
-    """`(line_no, line)` for each non-blank line of a JSON-lines file read as bytes (a binary file
-    object, or `io.BytesIO` of its bytes), numbered from 1 counting blank lines, as editors do.
-    Blank lines are not rows (module docstring); the readers and the Ray pipeline both split here."""
+    """`(line_no, line)` for each non-blank line of a JSON-lines file read as bytes (an open binary
+    file, iterated lazily, or `io.BytesIO` of its bytes), numbered from 1 counting blank lines, as
+    editors do. Lines end at b"\\n" only (not at \\r or Unicode line separators). A UTF-8 BOM
+    before the first line is dropped. Blank lines are not rows (module docstring); the readers and
+    the Ray pipeline both split here."""
     for line_no, line in enumerate(lines, start=1):
+        if line_no == 1 and line.startswith(BOM):
+            line = line[len(BOM) :]
         if line.strip():
             yield line_no, line
 
 
 def decode_jsonl_line(line: bytes, line_no: int | None = None) -> Row:
-    """One JSON-lines line → its row (a dict), or an UnreadableRow: "undecodable" for bad UTF-8 or
-    bad JSON, "wrong_type" for JSON that is not an object. The one decoder of JSON lines: the
-    reader above and the Ray pipeline (`raydpo.data.pipeline`) call it once per line. `line_no`
-    prefixes the detail ("line 3: ...") when the line came from a file."""
+    """One JSON-lines line → its row (a dict), or an UnreadableRow: "undecodable" for bad UTF-8,
+    bad JSON, JSON nested too deeply or with an integer too long for Python, or a string holding a
+    lone surrogate escape ("\\ud800": JSON syntax, but not Unicode text), "wrong_type" for JSON
+    that is not an object. The one decoder of JSON lines: the reader above and the Ray pipeline
+    (`raydpo.data.pipeline`) call it once per line. `line_no` prefixes the detail ("line 3: ...")
+    when the line came from a file."""
     where = "" if line_no is None else f"line {line_no}: "
     line = line.rstrip(b"\r\n")  # so that a JSON error's position is on line 1 of this line
     raw = line.decode("utf-8", errors="replace")
@@ -140,11 +151,41 @@ def decode_jsonl_line(line: bytes, line_no: int | None = None) -> Row:
         value = json.loads(line.decode("utf-8"))
     except UnicodeDecodeError as e:
         return UnreadableRow("undecodable", f"{where}invalid UTF-8: {e.reason}", raw)
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, or an integer over Python's int_max_str_digits
         return UnreadableRow("undecodable", f"{where}{e}", raw)
+    except RecursionError:
+        return UnreadableRow("undecodable", f"{where}JSON nested too deeply to read", raw)
+    if _SURROGATE_ESCAPE.search(line):
+        bad = _lone_surrogate(value)
+        if bad is not None:
+            return UnreadableRow(
+                "undecodable", f"{where}invalid Unicode: a lone surrogate {bad!r} in a string", raw
+            )
     if not isinstance(value, dict):
         return UnreadableRow("wrong_type", f"{where}a JSON {type(value).__name__}, not an object", raw)
     return value
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # only such lines can hold a lone surrogate
+_SURROGATE = re.compile("[\ud800-\udfff]")  # a pair of escapes decodes to one character, not these
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """The first lone surrogate in any string (key or value) of a decoded JSON value, or None.
+    Iterative, so that JSON nested as deeply as `json.loads` allows cannot overflow the stack."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            found = _SURROGATE.search(v)
+            if found:
+                return found.group()
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return None
 
 
 def _parquet_rows(path: Path) -> Iterator[Row]:

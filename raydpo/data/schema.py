@@ -5,7 +5,8 @@ Input shapes (README.md, "Preference data"):
 - conversational:  the same keys, each a list of {"role", "content"} messages; rendered to text
                    with the tokenizer's chat template.
 - implicit prompt: {"chosen", "rejected"} only; the prompt is their shared prefix.
-An optional "id" travels along. Column names are configurable (`data.columns`).
+An optional "id" travels along. Column names are configurable (`data.columns`). One source holds
+one shape: its first valid row decides standard or conversational (`validate.first_format`).
 
 SFT sources (methods that train on texts) hold {"text"} or {"prompt", "completion"} rows instead;
 each becomes a TextRecord.
@@ -41,6 +42,26 @@ class TextRecord:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class ChatRecord:
+    """A conversational pair whose structure was checked but which was not rendered to text (no chat
+    template was given: `raydpo data validate` without --tokenizer). Lists of {"role", "content"}
+    messages; with an implicit prompt, the shared messages have already moved to `prompt`."""
+
+    prompt: list[dict]
+    chosen: list[dict]
+    rejected: list[dict]
+    id: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# The format of a preference source, decided by its first row whose structure is valid
+# (`validate.first_format`); a row of the other format is quarantined as "mixed_format".
+STANDARD, CONVERSATIONAL = "standard", "conversational"
+
+
 class BadRow(Exception):
     """A row that cannot become a PreferenceRecord. `reason` is a short code, `detail` prose."""
 
@@ -59,6 +80,7 @@ REASONS = (
     "empty_text",  # a required text is empty or whitespace only
     "identical",  # chosen == rejected
     "no_shared_prompt",  # implicit prompt: no shared prefix, or a response is empty
-    "chat_template",  # conversational row, but the chat template failed or is missing
+    "chat_template",  # conversational row, but the chat template failed on it
+    "mixed_format",  # a conversational row in a source of strings, or the reverse
     "empty_after_truncation",  # tokenization left no response tokens
 )

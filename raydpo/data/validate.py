@@ -4,15 +4,23 @@
 - standard:        prompt / chosen / rejected strings, kept as they are;
 - conversational:  lists of {"role", "content"} messages, rendered with the tokenizer's chat
                    template; the response text is what prompt + response adds to the rendered
-                   prompt (with its generation prompt), so prompt + chosen is exactly the chat text;
+                   prompt (with its generation prompt), so prompt + chosen is exactly the chat text.
+                   Without a chat template (`raydpo data validate` with no --tokenizer) only the
+                   structure is checked (`check_pair`) and the row stays a ChatRecord of messages;
 - implicit prompt: no prompt key in the row; the prompt is the shared prefix of chosen and
                    rejected (TRL's `extract_prompt` rule for strings, whole messages for lists).
 A row that cannot become a record raises BadRow with a code from `schema.REASONS`.
 
+One source holds one format: the first row whose structure is valid (`first_format`) decides
+"standard" or "conversational", and a later row of the other format is quarantined as
+"mixed_format". Both paths decide it alike: `validate_rows` as it streams (the rows before the
+first valid one are bad for their own reasons whatever the format), the Ray pipeline up front.
+
 `check_row` is the one check of a row, used by both paths: `validate_rows` / `validate_source`
 (the CLI's `raydpo data validate`) and the Ray pipeline that training reads (`pipeline.py`, which
 then tokenizes). It takes a reader's Row (a dict, or the BadRow of a row that could not be read)
-and gives a PreferenceRecord, or a TextRecord for SFT sources (`texts=True`), or raises BadRow;
+and gives a PreferenceRecord (a ChatRecord without a renderer), or a TextRecord for SFT sources
+(`texts=True`), or raises BadRow;
 so a row is kept or quarantined, with the same reason and detail, on both paths.
 
 `validate_rows` runs it over a reader's stream, writing every bad row to a `Quarantine` file, and
@@ -31,7 +39,7 @@ from typing import Any
 
 from raydpo.config import ColumnsConfig, DataConfig
 from raydpo.data.readers import Row, iter_rows
-from raydpo.data.schema import BadRow, PreferenceRecord, TextRecord
+from raydpo.data.schema import CONVERSATIONAL, STANDARD, BadRow, ChatRecord, PreferenceRecord, TextRecord
 from raydpo.errors import DataError
 
 ChatRenderer = Callable[[list[dict], bool], str]
@@ -41,6 +49,8 @@ NO_RENDERER = (
     "this dataset is conversational (prompt/chosen/rejected are lists of role/content messages); "
     "rendering it to text needs a tokenizer with a chat template, and none was given"
 )
+UNRENDERED = "conversational rows: structure checked; rendering not checked (pass --tokenizer)"
+RENDERED = "conversational rows: structure checked and rendered with the chat template"
 
 
 def chat_renderer(tokenizer: Any) -> ChatRenderer:
@@ -64,14 +74,33 @@ def chat_renderer(tokenizer: Any) -> ChatRenderer:
 
 
 def check_row(
-    row: Row, columns: ColumnsConfig, render_chat: ChatRenderer | None = None, texts: bool = False
-) -> PreferenceRecord | TextRecord:
+    row: Row,
+    columns: ColumnsConfig,
+    render_chat: ChatRenderer | None = None,
+    texts: bool = False,
+    fmt: str | None = None,
+) -> PreferenceRecord | ChatRecord | TextRecord:
     """The one per-row check of `raydpo data validate` and of training: a reader's Row → a
-    PreferenceRecord (or a TextRecord when `texts`), else raises BadRow. A BadRow from the reader
-    (an undecodable line, say) is raised as it is. DataError as in `canonicalize`."""
+    PreferenceRecord (a ChatRecord for a conversational row when there is no `render_chat`), or a
+    TextRecord when `texts`; else raises BadRow. A BadRow from the reader (an undecodable line, say)
+    is raised as it is. `fmt`: the source's format (`first_format`), None while not yet known."""
     if isinstance(row, BadRow):
         raise row
-    return text_record(row, columns) if texts else canonicalize(row, columns, render_chat)
+    return text_record(row, columns) if texts else canonicalize(row, columns, render_chat, fmt)
+
+
+def first_format(rows: Iterable[tuple[int, Row]], columns: ColumnsConfig) -> str | None:
+    """The format of a preference source: that of its first row whose structure is valid
+    (`check_pair`), STANDARD or CONVERSATIONAL; None when no row is. Reads only up to that row."""
+    for _, row in rows:
+        if isinstance(row, BadRow):
+            continue
+        try:
+            pair = check_pair(row, columns)
+        except BadRow:
+            continue
+        return CONVERSATIONAL if isinstance(pair, ChatRecord) else STANDARD
+    return None
 
 
 def quarantine_raw(row: Row) -> Any:
@@ -103,10 +132,24 @@ def text_record(row: dict, columns: ColumnsConfig) -> TextRecord:
 
 
 def canonicalize(
-    row: dict, columns: ColumnsConfig, render_chat: ChatRenderer | None = None
-) -> PreferenceRecord:
-    """One row → PreferenceRecord; raises BadRow(reason, detail), or DataError for a
-    conversational row with no `render_chat` (a whole-run problem, not a bad row)."""
+    row: dict, columns: ColumnsConfig, render_chat: ChatRenderer | None = None, fmt: str | None = None
+) -> PreferenceRecord | ChatRecord:
+    """One row → PreferenceRecord; raises BadRow(reason, detail). A conversational row is rendered
+    with `render_chat`, or without one stays a ChatRecord (its structure checked, not its rendering)."""
+    pair = check_pair(row, columns, fmt)
+    if isinstance(pair, PreferenceRecord) or render_chat is None:
+        return pair
+    prompt, chosen, rejected = _render_pair(pair.prompt, pair.chosen, pair.rejected, render_chat)
+    if chosen == rejected:
+        raise BadRow("identical", "chosen and rejected render to the same text")
+    return PreferenceRecord(prompt=prompt, chosen=chosen, rejected=rejected, id=pair.id)
+
+
+def check_pair(row: dict, columns: ColumnsConfig, fmt: str | None = None) -> PreferenceRecord | ChatRecord:
+    """Every check of a preference row but rendering (and tokenization): a standard row becomes its
+    PreferenceRecord, a conversational one a ChatRecord (implicit prompt split off); else BadRow.
+    `fmt` (the source's format, if known): a row that passes every other check but is of the other
+    format is "mixed_format" (a malformed one keeps the reason of its own problem)."""
     if not isinstance(row, dict):
         raise BadRow("wrong_type", f"row is a {type(row).__name__}, not an object")
     rid = row.get(columns.id)
@@ -119,7 +162,8 @@ def canonicalize(
     if not implicit:
         values = {columns.prompt: prompt, **values}
     _same_kind(values)
-    if isinstance(chosen, list):
+    kind = CONVERSATIONAL if isinstance(chosen, list) else STANDARD
+    if kind == CONVERSATIONAL:
         for name, msgs in values.items():
             _check_messages(name, msgs, required=name != columns.prompt)
     else:
@@ -130,10 +174,22 @@ def canonicalize(
         raise BadRow("identical", f"{columns.chosen!r} and {columns.rejected!r} are identical")
     if implicit:
         prompt, chosen, rejected = _split_shared_prompt(chosen, rejected, columns)
-    if isinstance(chosen, list):
-        prompt, chosen, rejected = _render_pair(prompt, chosen, rejected, render_chat)
-    if chosen == rejected:
-        raise BadRow("identical", "chosen and rejected render to the same text")
+    if kind == CONVERSATIONAL:  # the prompt/response split: a response is the assistant's turn
+        for name, msgs in ((columns.chosen, chosen), (columns.rejected, rejected)):
+            if msgs[0]["role"] != "assistant":
+                raise BadRow(
+                    "bad_message",
+                    f"the {name!r} response starts with a {msgs[0]['role']!r} message, not 'assistant'",
+                )
+    if fmt is not None and kind != fmt:  # a valid row, but of the other format
+        shape = "message lists" if kind == CONVERSATIONAL else "strings"
+        raise BadRow(
+            "mixed_format",
+            f"a {kind} row (prompt/chosen/rejected as {shape}) in a {fmt} source; "
+            "the source's first valid row decides its format",
+        )
+    if kind == CONVERSATIONAL:
+        return ChatRecord(prompt=prompt, chosen=chosen, rejected=rejected, id=rid)
     return PreferenceRecord(prompt=prompt, chosen=chosen, rejected=rejected, id=rid)
 
 
@@ -177,7 +233,7 @@ def _same_kind(values: dict[str, str | list]) -> None:
 
 
 def _check_messages(name: str, msgs: list, required: bool) -> None:
-    """Each message a dict with str role and content; a response must have some text."""
+    """Each message a dict with str role (not blank) and str content; a response must have some text."""
     for i, m in enumerate(msgs):
         if not isinstance(m, dict):
             raise BadRow("bad_message", f"{name}[{i}] is a {type(m).__name__}, not a message object")
@@ -185,6 +241,8 @@ def _check_messages(name: str, msgs: list, required: bool) -> None:
             if not isinstance(m.get(key), str):
                 got = "missing" if m.get(key) is None else f"a {type(m[key]).__name__}"
                 raise BadRow("bad_message", f"{name}[{i}]: {key!r} must be a str, got {got}")
+        if not m["role"].strip():
+            raise BadRow("bad_message", f"{name}[{i}]: 'role' is empty")
     if not msgs or (required and not any(m["content"].strip() for m in msgs)):
         raise BadRow("empty_text", f"{name!r} has no messages with text")
 
@@ -215,11 +273,9 @@ def _split_shared_prompt(chosen: Any, rejected: Any, columns: ColumnsConfig) -> 
 
 
 def _render_pair(
-    prompt: list[dict], chosen: list[dict], rejected: list[dict], render: ChatRenderer | None
+    prompt: list[dict], chosen: list[dict], rejected: list[dict], render: ChatRenderer
 ) -> tuple[str, str, str]:
     """Chat texts: the prompt with its generation prompt, and what each response adds to it."""
-    if render is None:
-        raise DataError(NO_RENDERER)
     try:
         prompt_text = render(prompt, True)
         full = {"chosen": render(prompt + chosen, False), "rejected": render(prompt + rejected, False)}
@@ -250,6 +306,8 @@ class QuarantineReport:
     counts: dict[str, int] = field(default_factory=dict)  # quarantined rows per reason
     path: str | None = None  # the quarantine file; None when nothing was quarantined
     examples: dict[str, str] = field(default_factory=dict)  # per reason: its first row and detail
+    format: str | None = None  # STANDARD or CONVERSATIONAL (`first_format`); None: unknown or SFT texts
+    rendered: bool = False  # conversational rows were rendered with a chat template (else: structure only)
 
     @property
     def bad(self) -> int:
@@ -266,6 +324,8 @@ class QuarantineReport:
             f"({100 * self.bad_fraction:.1f}%)"
         ]
         lines += [f"  {reason}: {n}" for reason, n in _by_count(self.counts)]
+        if self.format == CONVERSATIONAL:
+            lines.append(RENDERED if self.rendered else UNRENDERED)
         if self.path:
             lines.append(f"quarantined rows: {self.path}")
         return "\n".join(lines)
@@ -346,29 +406,36 @@ def validate_rows(
     quarantine: Quarantine,
     source: str,
     texts: bool = False,
-) -> tuple[list[PreferenceRecord | TextRecord], QuarantineReport]:
-    """`check_row` on every row; bad ones go to `quarantine`, which this closes."""
-    records: list[PreferenceRecord | TextRecord] = []
+) -> tuple[list[PreferenceRecord | ChatRecord | TextRecord], QuarantineReport]:
+    """`check_row` on every row; bad ones go to `quarantine`, which this closes. The source's format
+    is that of its first row with a valid structure (`first_format`, decided here as rows stream)."""
+    records: list[PreferenceRecord | ChatRecord | TextRecord] = []
     total = 0
+    fmt = None
     with quarantine:
         for index, row in rows:
             total += 1
+            if fmt is None and not texts:
+                fmt = first_format([(index, row)], columns)
             try:
-                records.append(check_row(row, columns, render_chat, texts))
+                records.append(check_row(row, columns, render_chat, texts, fmt))
             except BadRow as bad:
                 quarantine.add(source, index, bad, quarantine_raw(row))
             except DataError as e:
                 raise DataError(f"{source}: row {index}: {e}") from None
-    report = report_of(quarantine, source, total, len(records))
+    report = report_of(quarantine, source, total, len(records), fmt, render_chat is not None)
     return records, report
 
 
-def report_of(quarantine: Quarantine, source: str, total: int, kept: int) -> QuarantineReport:
+def report_of(
+    quarantine: Quarantine, source: str, total: int, kept: int, fmt: str | None = None, rendered: bool = False
+) -> QuarantineReport:
     """The report of a closed quarantine."""
     path = quarantine.path if quarantine.counts else None
     return QuarantineReport(
-        source, total, kept, dict(quarantine.counts), path and str(path), dict(quarantine.examples)
-    )
+        source, total, kept, dict(quarantine.counts), path and str(path), dict(quarantine.examples),
+        fmt, rendered and fmt == CONVERSATIONAL,
+    )  # fmt: skip
 
 
 def validate_source(
@@ -377,9 +444,11 @@ def validate_source(
     render_chat: ChatRenderer | None = None,
     source: str | None = None,
     texts: bool = False,
-) -> tuple[list[PreferenceRecord | TextRecord], QuarantineReport]:
+) -> tuple[list[PreferenceRecord | ChatRecord | TextRecord], QuarantineReport]:
     """Read `source` (default `cfg.source`), validate every row, and enforce `cfg.max_bad_fraction`.
-    `texts`: the source holds SFT texts rather than preference pairs."""
+    `texts`: the source holds SFT texts rather than preference pairs. Without `render_chat`,
+    conversational rows are checked for structure only, kept as ChatRecords, and the report's
+    summary says that rendering was not checked."""
     src = source or cfg.source
     rows = iter_rows(src, cfg.format, cfg.split, cfg.max_rows)
     records, report = validate_rows(rows, cfg.columns, render_chat, Quarantine(quarantine_path), src, texts)
@@ -387,12 +456,21 @@ def validate_source(
     return records, report
 
 
+def no_rows(source: str) -> str:
+    """The one line for a source with no rows at all, saying why when it is a file."""
+    path = Path(source)
+    if path.is_file():
+        why = "the file is empty" if path.stat().st_size == 0 else "every line of the file is blank"
+        return f"{source} has no rows: {why}"
+    return f"{source} has no rows"
+
+
 def check_bad_fraction(report: QuarantineReport, max_bad_fraction: float) -> None:
     """DataError when the source had no rows, no good rows, or more bad rows than allowed. The
     message is one line; it ends with the first row of the most common reason, whose detail names
     the problem (e.g. the missing column and the `data.columns` override to set)."""
     if report.total == 0:
-        raise DataError(f"{report.source} has no rows")
+        raise DataError(no_rows(report.source))
     ranked = _by_count(report.counts)
     reasons = ", ".join(f"{r}: {n}" for r, n in ranked)
     example = report.examples.get(ranked[0][0]) if ranked else None

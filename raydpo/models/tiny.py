@@ -1,8 +1,10 @@
 """Tiny random-init models and tokenizers, built offline, saved in Hugging Face format.
 
-They back the `builtin:tiny-llama` / `builtin:tiny-gpt2` model names (so `raydpo train` runs with
-nothing to download) and the tests. A saved directory loads with `AutoTokenizer.from_pretrained`
-and `AutoModelForCausalLM.from_pretrained` like any hub model, so the real loading path is used.
+They back the `builtin:tiny-llama` / `builtin:tiny-gpt2` / `builtin:tiny-qwen` model names (so
+`raydpo train` runs with nothing to download) and the tests. `builtin:tiny-qwen` is a chat model (a
+Qwen2 architecture with a ChatML template), so conversational data trains offline too. A saved
+directory loads with `AutoTokenizer.from_pretrained` and `AutoModelForCausalLM.from_pretrained` like
+any hub model, so the real loading path is used.
 
 Tokenizer styles mirror the three families whose special tokens differ:
 - "llama": BOS `<s>` prepended by the tokenizer, EOS `</s>`, pad `<pad>`.
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
 from raydpo.data.builtin import tiny_prefs
 from raydpo.errors import ConfigError
@@ -88,8 +90,14 @@ def build_model(
         cfg = GPT2Config(
             vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=512, **ids
         )
+    elif arch == "qwen2":
+        cfg = Qwen2Config(
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=512,
+            tie_word_embeddings=False, **ids,
+        )  # fmt: skip
     else:
-        raise ValueError(f"unknown tiny architecture {arch!r}; allowed: llama, gpt2")
+        raise ValueError(f"unknown tiny architecture {arch!r}; allowed: llama, gpt2, qwen2")
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg)
 
@@ -107,7 +115,11 @@ def save_tiny(
     return path
 
 
-BUILTIN_MODELS = {"builtin:tiny-llama": ("llama", "llama"), "builtin:tiny-gpt2": ("gpt2", "gpt2")}
+BUILTIN_MODELS = {  # name → (tokenizer style, architecture)
+    "builtin:tiny-llama": ("llama", "llama"),
+    "builtin:tiny-gpt2": ("gpt2", "gpt2"),
+    "builtin:tiny-qwen": ("qwen", "qwen2"),  # a chat model: ChatML template, for conversational data
+}
 
 
 def builtin_model_dir(name: str) -> Path:
