@@ -44,7 +44,7 @@ class LoraConfig(_Strict):
 
 class ModelConfig(_Strict):
     policy: str = (
-        "builtin:tiny-llama"  # HF hub name, local HF directory, or builtin:tiny-llama / builtin:tiny-gpt2
+        "builtin:tiny-llama"  # HF hub name, local HF directory, builtin:tiny-llama / -gpt2 / -qwen (ChatML)
     )
     reference: str | None = None  # reference model; None = a frozen copy of the policy
     tokenizer: str | None = None  # tokenizer; None = the policy's

@@ -168,7 +168,8 @@ def steps_per_epoch(cfg: RunConfig, method: Method, n_rows: int) -> int:
     per_epoch = n_rows // global_batch
     if per_epoch == 0 and method.data != "prompts":
         raise UserError(
-            f"{n_rows} training rows do not fill one global batch of {global_batch} "
+            f"{cfg.data.source}: {n_rows} training rows (after quarantine and any eval split) do not fill "
+            f"one global batch of {global_batch} "
             f"(train.batch_size={cfg.train.batch_size} × scaling.num_workers={cfg.scaling.num_workers})"
         )
     return max(per_epoch, 1)
