@@ -57,6 +57,24 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from pathlib import Path
+
+    checkout = Path(__file__).resolve().parent.parent  # an editable install made before `benchmarks`
+    if (checkout / "benchmarks" / "bench.py").is_file() and str(checkout) not in sys.path:  # maps raydpo only
+        sys.path.append(str(checkout))
+    try:
+        from benchmarks.bench import run_bench  # the top-level `benchmarks` package, beside raydpo
+    except ModuleNotFoundError as e:
+        if e.name != "benchmarks":
+            raise
+        raise UserError("raydpo bench needs the `benchmarks` package (a source checkout)") from None
+
+    run_bench(quick=args.quick, shape=args.shape, pairs=args.pairs, steps=args.steps, out=args.out,
+              rounds=args.rounds, batch_size=args.batch_size, keep=args.keep)  # fmt: skip
+    return 0
+
+
 def _cmd_data_validate(args) -> int:
     from raydpo.config import build_config
     from raydpo.data.validate import chat_renderer, validate_source
@@ -127,6 +145,21 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--size", choices=["tiny", "full"], default="full", help="tiny: for tests (~1 min)")
     prep.add_argument("--seed", type=int, default=0)
     prep.set_defaults(func=_cmd_task_prepare)
+
+    b = sub.add_parser(
+        "bench", help="DPO training throughput: raydpo's own path against TRL's DPOTrainer, side by side"
+    )
+    b.add_argument("--quick", action="store_true",
+                   help="8 steps, the short shape, 1 round (a few minutes on 2 CPU cores)")  # fmt: skip
+    b.add_argument("--shape", choices=["long", "short", "both"],
+                   help="long prompts, short prompts, or both (default both; --quick: short)")  # fmt: skip
+    b.add_argument("--pairs", type=int, help="preference pairs per shape (default steps × batch size)")
+    b.add_argument("--steps", type=int, help="optimizer steps per training call (default 24; --quick: 8)")
+    b.add_argument("--batch-size", type=int, default=8, help="pairs per step (default 8)")
+    b.add_argument("--rounds", type=int, help="alternating rounds of every engine (default 2; --quick: 1)")
+    b.add_argument("--out", help="JSON results file (default runs/bench/bench-DATE-TIME.json)")
+    b.add_argument("--keep", action="store_true", help="keep the temporary work directory (model, runs)")
+    b.set_defaults(func=_cmd_bench)
 
     d = sub.add_parser("data", help="inspect preference data")
     dsub = d.add_subparsers(dest="data_command", required=True)

@@ -1,0 +1,1 @@
+"""Benchmarks of raydpo against other implementations (`raydpo bench`: benchmarks/bench.py)."""
