@@ -106,3 +106,32 @@ def test_a_local_run_gives_its_workers_the_machine(monkeypatch):
     assert cpus(num_workers=16) == 1.0 and cpus(cpus_per_worker=0.5) == 0.5  # a setting is kept
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     assert cpus() == 1.0  # joining a cluster: one per worker unless told otherwise
+
+
+def test_a_finished_run_run_again_trains_nothing(tmp_path, tiny_llama_dir):
+    """A run directory holding a completed run with the same config: nothing is trained (no Ray is
+    started) and the record of the finished run comes back, so a resumed sweep can report it."""
+    from raydpo.engine.launch import FINISHED, resolve_scaling
+    from raydpo.methods import train
+
+    spec = {"run_name": "r", "model": {"policy": str(tiny_llama_dir)}, "tracking": {"enabled": False}}
+    cfg = build_config({**spec, "train": {"output_dir": str(tmp_path / "runs")}})
+    check_run_dir(resolve_scaling(resolve_paths(cfg)), resume=False)
+    record = {
+        "final_model": "/x/final",
+        "mlflow_run_id": None,
+        "total_steps": 7,
+        "last_metrics": {"loss": 0.5},
+    }
+    (tmp_path / "runs" / "r" / FINISHED).write_text(__import__("json").dumps(record))
+    lines: list[str] = []
+    out = train(cfg, log=lines.append)
+    assert out["already_finished"] and out["total_steps"] == 7 and out["last_metrics"] == {"loss": 0.5}
+    assert "already finished (7 steps)" in lines[-1]
+    check_run_dir(resolve_scaling(resolve_paths(cfg)), resume=False)  # same config: kept
+    assert (tmp_path / "runs" / "r" / FINISHED).exists()
+    more = build_config({**cfg.model_dump(mode="json"), "train": {**cfg.train.model_dump(), "max_steps": 9}})
+    check_run_dir(
+        resolve_scaling(resolve_paths(more)), resume=True
+    )  # --resume with another config: not finished any more
+    assert not (tmp_path / "runs" / "r" / FINISHED).exists()

@@ -105,9 +105,13 @@ def resolve_scaling(cfg: RunConfig) -> RunConfig:
     return cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"cpus_per_worker": float(cpus)})})
 
 
+FINISHED = "finished.json"  # written last by a run that completed: its steps, MLflow run, last metrics
+
+
 def check_run_dir(cfg: RunConfig, resume: bool, log=print) -> None:
     """A run directory holds one config. Another config is refused unless `resume` (then the old
-    config.yaml is kept as config.<n>.yaml beside the new one); the same config resumes silently."""
+    config.yaml is kept as config.<n>.yaml beside the new one, and a finished run is no longer
+    finished); the same config resumes silently."""
     path = cfg.run_dir / "config.yaml"
     if path.is_file():
         old = flatten(yaml.safe_load(path.read_text()) or {})
@@ -123,6 +127,7 @@ def check_run_dir(cfg: RunConfig, resume: bool, log=print) -> None:
         if diff:
             n = 1 + sum(1 for _ in cfg.run_dir.glob("config.*.yaml"))
             os.replace(path, cfg.run_dir / f"config.{n}.yaml")
+            (cfg.run_dir / FINISHED).unlink(missing_ok=True)
             changed = ", ".join(diff)
             log(f"resuming {cfg.run_name} with a changed config ({changed}); the old one is config.{n}.yaml")
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -202,6 +207,11 @@ def run(
     prompts_only = method.data == "prompts"
     tokenizer = preflight(cfg, check_data=not prompts_only)
     check_run_dir(cfg, resume, log)
+    done = cfg.run_dir / FINISHED
+    if done.is_file():  # the same config, already trained to the end: nothing to do (a resumed sweep)
+        record = json.loads(done.read_text())
+        log(f"{cfg.run_name} already finished ({record['total_steps']} steps): {record['final_model']}")
+        return {"run_dir": str(cfg.run_dir), "history": [], "already_finished": True, **record}
     tidy_run_dir(cfg.run_dir, log)
     start_ray(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1)
     loop_config: dict = {
@@ -261,8 +271,12 @@ def run(
     log(f"final model: {final}")
     if run_id:
         tolerant(log, lambda: log(ui_hint(uri, cfg.tracking.experiment)))
-    return {"run_dir": str(cfg.run_dir), "final_model": str(final), "history": progress.history,
-            "mlflow_run_id": run_id, "total_steps": steps}  # fmt: skip
+    last = next((h for h in reversed(progress.history) if "loss" in h), {})
+    record = {"final_model": str(final), "mlflow_run_id": run_id, "total_steps": steps, "last_metrics": last}
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, done)  # last: a run without it did not complete
+    return {"run_dir": str(cfg.run_dir), "history": progress.history, **record}
 
 
 def tolerant(log, fn, *args) -> None:

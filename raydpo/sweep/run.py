@@ -235,8 +235,19 @@ def trial_main(
         "raydpo.trial_id": trial_id,
         **{f"sweep.{k}": str(v) for k, v in params.items()},
     }
-    train(cfg, log=lambda *_: None, prepared=prepared, kind="trial", parent_run_id=parent_run_id, tags=tags,
-          label=trial_label(params), callbacks=[TuneReportCallback()], stream=None)  # fmt: skip
+    out = train(
+        cfg,
+        log=lambda *_: None,
+        prepared=prepared,
+        kind="trial",
+        parent_run_id=parent_run_id,
+        tags=tags,
+        label=trial_label(params),
+        callbacks=[TuneReportCallback()],
+        stream=None,
+    )
+    if out.get("already_finished"):  # a resumed sweep whose state missed this trial's end: report it again
+        tune.report({"step": out["total_steps"], **out.get("last_metrics", {})})
 
 
 def progress_callback(sweep: SweepConfig, total: int, show):
