@@ -136,7 +136,7 @@ def test_ray_run_stops_on_an_infinite_gradient_with_no_checkpoint_after_it(ray_l
     cfg = run_cfg(run_name="inf", train={"checkpoint_every": 1}, tracking={"enabled": False})
     with pytest.raises(RuntimeError, match=r"non-finite gradient norm \(inf\) at step 2, pairs tiny-"):
         train(cfg, log=lambda *_: None, stream=None)
-    ckpts = sorted((tmp_path / "runs" / "inf").glob("checkpoint_*"))
+    ckpts = sorted(d for d in (tmp_path / "runs" / "inf").glob("checkpoint_*") if d.is_dir())
     assert len(ckpts) == 1  # step 1 only: nothing after the bad step was written
     state, _ = load_checkpoint(ckpts[0])
     assert state["step"] == 1
@@ -150,7 +150,7 @@ def test_ray_resume_falls_back_past_a_damaged_latest_checkpoint(ray_local, run_c
     over = {"train": {"max_steps": 4, "checkpoint_every": 2}, "tracking": {"enabled": False}}
     train(run_cfg(run_name="dmg", **over), log=lambda *_: None, stream=None)
     run_dir = tmp_path / "runs" / "dmg"
-    latest = sorted(run_dir.glob("checkpoint_*"))[-1]
+    latest = sorted(d for d in run_dir.glob("checkpoint_*") if d.is_dir())[-1]
     state = latest / "trainer_state.pt"
     state.write_bytes(state.read_bytes()[:100])
     lines: list[str] = []

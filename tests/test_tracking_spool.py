@@ -53,22 +53,25 @@ def stop_server(proc: subprocess.Popen) -> None:
 def wait_for(pred, timeout: float = 30.0) -> bool:
     end = time.time() + timeout
     while time.time() < end:
-        if pred():
-            return True
+        try:
+            if pred():
+                return True
+        except Exception:  # a slow or restarting server: ask again
+            pass
         time.sleep(0.2)
     return False
 
 
 @pytest.mark.slow
 def test_outage_longer_than_retries_delays_metrics_and_replays_are_not_logged_twice(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the client gives up at once...
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     server = start_server(tmp_path, port)
     try:
         client = MlflowClient(tracking_uri=uri)
         run_id = client.create_run(client.create_experiment("spool")).info.run_id
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the client gives up at once...
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
         spool = MetricSpool(uri, run_id, tmp_path / "run" / "mlflow-spool.jsonl")
         for step in (1, 2, 3):
             spool.put({"loss": step / 10}, step)
@@ -90,6 +93,7 @@ def test_outage_longer_than_retries_delays_metrics_and_replays_are_not_logged_tw
         for step in (6, 7, 8, 9):
             replay.put({"loss": step / 10 + 5}, step)
         assert replay.close(30) == 0
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")
         history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss"))
         assert history == [(s, s / 10) for s in range(1, 9)] + [(9, 9 / 10 + 5)]
     finally:
