@@ -10,7 +10,8 @@ One run of this module, on one machine, side by side:
 3. A warm-up (one short run of each engine, not reported), then rounds that alternate the engines
    (ABBA order across rounds): (a) raydpo — `raydpo.methods.train` on a `RunConfig`, the code
    `raydpo train` runs (local Ray, started and shut down per call as a command would; tracking off);
-   (b) TRL's DPOTrainer in a subprocess of its own, with and without `precompute_ref_log_probs`.
+   (b) TRL's DPOTrainer in a subprocess of its own, with and without `precompute_ref_log_probs`;
+   and, as a diagnostic outside the ratios, raydpo's loop in this process without Ray (`raydpo-noray`).
    Both: same batch size, steps, learning rate, β, sigmoid loss, AdamW, clipping 1.0, data in file order
    (shuffle off / sequential sampler), so step 1 sees the same first pairs from the same weights.
 4. Measured per call: steady-state pairs/s and tokens/s (warm-up steps skipped; raydpo from its per-step
@@ -61,7 +62,8 @@ MAX_PROMPT_LENGTH = 448
 STEP1_TOLERANCE = 1e-4
 RSS_INTERVAL_S = 0.2
 TRL_VARIANTS = {"trl": False, "trl+precompute": True}  # name → precompute_ref_log_probs
-ENGINES = ("raydpo", *TRL_VARIANTS)
+NO_RAY = "raydpo-noray"  # diagnostic: raydpo's loop in this process without Ray (not in the ratios)
+ENGINES = ("raydpo", NO_RAY, *TRL_VARIANTS)
 
 
 @dataclass
@@ -468,6 +470,7 @@ def run_raydpo(
     from raydpo.methods import train
 
     cfg = raydpo_config(settings, model_dir, data_path, out_dir, run_name, steps)
+    cpus = worker_cpus(cfg)
     clock, seconds, starts, logs = StepClock(), {}, {}, []
     if ray.is_initialized():
         ray.shutdown()
@@ -490,6 +493,7 @@ def run_raydpo(
     if "fit" in starts and ends:
         phases["fit_to_first_step_s"] = ends[0] - starts["fit"]
         phases["steps_s"] = ends[-1] - ends[0]
+        phases["fit_after_last_step_s"] = starts["fit"] + seconds["fit"] - ends[-1]  # checkpoint, teardown
     phases["other_s"] = wall - sum(seconds.values())
     return {
         "engine": "raydpo",
@@ -503,6 +507,60 @@ def run_raydpo(
         "peak_rss_mb": {"train": peaks.get("train"), "ray_other": peaks.get("ray_other")},
         "processes": {k: sorted(v) for k, v in sampler.names.items()},
         "phases_s": phases,
+        "worker_cpus": cpus,
+        "reference_forward_in_step": True,
+    }
+
+
+def worker_cpus(cfg) -> float:
+    """CPUs (and torch threads) raydpo gives its worker for `cfg` on this machine (launch resolves it)."""
+    from raydpo.engine import launch
+
+    resolve = getattr(launch, "resolve_scaling", None)  # absent in raydpo before CPUs were shared out
+    return float((resolve(cfg) if resolve else cfg).scaling.cpus_per_worker or 1)
+
+
+def run_raydpo_noray(settings: Settings, model_dir: str, data_path: Path, out_dir: Path, steps: int) -> dict:
+    """Diagnostic, not what `raydpo train` runs: raydpo's training loop (`engine.local.train_local`, the
+    loop every Ray Train worker runs) in this process, without Ray, Ray Data, DDP or checkpoints, with as
+    many torch threads as raydpo gives its Ray worker. Its steps against the Ray run's show what Ray adds
+    per step. No RSS (it shares this process) and no step timestamps (the loop returns its history)."""
+    import torch
+
+    from raydpo.data.schema import PreferenceRecord
+    from raydpo.data.tokenize import pad_token_id, tokenize_pair
+    from raydpo.engine.local import train_local
+    from raydpo.methods import get_method
+    from raydpo.models.loading import load_tokenizer
+
+    cfg = raydpo_config(settings, model_dir, data_path, out_dir, "noray", steps)
+    cpus = worker_cpus(cfg)
+    old = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(cpus)))
+    try:
+        t0 = time.perf_counter()
+        tok = load_tokenizer(cfg.model)
+        rows = [json.loads(line) for line in data_path.read_text().splitlines() if line.strip()]
+        d = cfg.data
+        pairs = [tokenize_pair(PreferenceRecord(**r), tok, d.max_length, d.max_prompt_length) for r in rows]
+        history = train_local(cfg, get_method(cfg.method), pairs, pad_token_id(tok))
+        wall = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(old)
+    step_seconds = [settings.batch_size / h["pairs_per_second"] for h in history]
+    first = history[0] if history else {}
+    return {
+        "engine": NO_RAY,
+        "wall_s": wall,
+        "first_step_s": None,
+        "steps": len(history),
+        "step_seconds": step_seconds,
+        "step_tokens": [h.get("tokens_per_second", 0.0) * s for h, s in zip(history, step_seconds)],
+        "step_end_s": [],
+        "step1": {"loss": first.get("loss"), "logps/chosen": first.get("logps/chosen")},
+        "peak_rss_mb": {"train": None, "ray_other": None},
+        "phases_s": {},
+        "worker_cpus": cpus,
         "reference_forward_in_step": True,
     }
 
@@ -724,6 +782,14 @@ def summarize_shape(runs: list[dict], params: int, peak: float | None) -> dict:
     out = {"engines": engines, "trl_variant": chosen, "ratios": None, "step1": None}
     phases = [r["phases_s"] for r in runs if r["engine"] == "raydpo"]
     out["raydpo_phases_s"] = {k: median_of([p.get(k) for p in phases]) for k in (phases[0] if phases else {})}
+    if "raydpo" in engines and NO_RAY in engines:
+        ray_step = median_of([r["steady"]["step_s_median"] for r in runs if r["engine"] == "raydpo"])
+        bare_step = median_of([r["steady"]["step_s_median"] for r in runs if r["engine"] == NO_RAY])
+        out["ray_step_overhead"] = {
+            "median_step_s_ray": ray_step,
+            "median_step_s_noray": bare_step,
+            "ratio": fraction(ray_step, bare_step),
+        }
     if chosen and "raydpo" in engines:
         ours, theirs = engines["raydpo"], engines[chosen]
         out["ratios"] = ratios(ours, theirs)
@@ -878,7 +944,7 @@ def format_report(result: dict) -> str:
     rows, notes = [], []
     for shape, res in result["results"].items():
         for e, s in res["engines"].items():
-            mark = "*" if e == res["trl_variant"] else ""
+            mark = "*" if e == res["trl_variant"] else " (diag.)" if e == NO_RAY else ""
             rows.append(
                 [
                     shape,
@@ -915,18 +981,24 @@ def format_report(result: dict) -> str:
             )
         p = res["raydpo_phases_s"]
         if p:
-            names = [
-                ("preflight_s", "preflight"),
-                ("start_ray_s", "Ray start"),
-                ("build_datasets_s", "data"),
-                ("fit_s", "fit"),
-                ("fit_to_first_step_s", "fit start→step 1"),
-                ("steps_s", "steps"),
-                ("export_final_s", "export"),
-                ("other_s", "other"),
-            ]
-            shown = ", ".join(f"{label} {p[k]:.1f}s" for k, label in names if p.get(k) is not None)
+            part = lambda k, label, p=p: f"{label} {p[k]:.1f}s" if p.get(k) is not None else None
+            inner = [part("fit_to_first_step_s", "start to step 1"), part("steps_s", "later steps"),
+                     part("fit_after_last_step_s", "after the last step")]  # fmt: skip
+            fit = part("fit_s", "Ray Train fit")
+            if fit and any(inner):
+                fit += " (" + ", ".join(x for x in inner if x) + ")"
+            outer = [part("preflight_s", "preflight"), part("start_ray_s", "Ray start"),
+                     part("build_datasets_s", "Ray Data pipeline"), fit, part("export_final_s", "export"),
+                     part("other_s", "other")]  # fmt: skip
+            shown = ", ".join(x for x in outer if x)
             notes.append(f"{shape}: raydpo call (median): {shown}")
+        o = res.get("ray_step_overhead")
+        if o and o["ratio"] is not None:
+            notes.append(
+                f"{shape}: raydpo's median step on its Ray Train worker {o['median_step_s_ray']:.2f}s, the "
+                f"same loop without Ray ({NO_RAY}, same torch threads) {o['median_step_s_noray']:.2f}s: "
+                f"{o['ratio']:.2f}x"
+            )
     table = format_table(cols, rows)
     m = result["machine"]
     lines = [
@@ -942,6 +1014,14 @@ def format_report(result: dict) -> str:
         f" pairs, first {result['settings']['warmup_steps']} steps not counted, medians of "
         f"{result['settings']['rounds']} round(s)",
     ]
+    runs = [run for res in result["results"].values() for run in res["runs"]]
+    cpus = sorted({run["worker_cpus"] for run in runs if run["engine"] == "raydpo" and "worker_cpus" in run})
+    threads = sorted({run["torch_threads"] for run in runs if run.get("torch_threads")})
+    if cpus or threads:
+        lines.append(
+            f"threads: raydpo's Ray Train worker {'/'.join(f'{c:g}' for c in cpus) or '?'} CPU(s) = torch "
+            f"threads; TRL's process {'/'.join(map(str, threads)) or '?'} torch threads"
+        )
     lines += [f"note: {n}" for n in result["notes"]]
     return "\n".join(lines)
 
@@ -980,8 +1060,12 @@ def warm_caches(with_trl: bool) -> dict:
     from raydpo.engine.session import start_ray
 
     t = time.perf_counter()
-    start_ray(2)
-    ray.shutdown()
+    try:
+        start_ray(2)
+    except Exception as e:  # Ray's start-up timeout on an overloaded machine, say: the runs will retry
+        print(f"bench: warm-up Ray start failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+    finally:
+        ray.shutdown()
     out = {"ray_start_stop": time.perf_counter() - t}
     if with_trl:
         t = time.perf_counter()
@@ -1011,6 +1095,9 @@ NOTES = [
     "step-1 loss: both start from the same weights with policy == reference, so the sigmoid loss is ln 2 in "
     "both whatever the data; logps/chosen (same first 8 pairs, shuffle off in both) is the check that "
     "matters.",
+    f"{NO_RAY} (diag.) is raydpo's training loop run in the benchmark's own process without Ray "
+    "(engine.local.train_local: no Ray start, Ray Data, DDP, reports or checkpoints), with the Ray worker's "
+    "torch threads: not what `raydpo train` runs, not in the ratios; it shows what Ray adds per step.",
     "peak RSS: sampled every 0.2 s; raydpo's 'train' is its Ray Train worker process(es), 'Ray' the other "
     "processes Ray started (gcs, raylet, dashboard agents, data and controller actors, idle workers); TRL's "
     "is its own process.",
@@ -1093,12 +1180,14 @@ def _bench(
             "tokens_per_pair_mean": statistics.mean(tokens),
             "tokens_per_pair_max": max(tokens),
         }
-    engines = ["raydpo", *(TRL_VARIANTS if trl_version else ())]
+    engines = ["raydpo", NO_RAY, *(TRL_VARIANTS if trl_version else ())]
     settings.extra["raydpo_scaling"] = ScalingConfig().model_dump()  # raydpo's defaults: what it runs with
 
     def one(engine: str, s: str, tag: str, n_steps: int, data_path: Path) -> dict:
         if engine == "raydpo":
             return run_raydpo(settings, model_dir, data_path, workdir / "raydpo", f"{s}-{tag}", n_steps)
+        if engine == NO_RAY:
+            return run_raydpo_noray(settings, model_dir, data_path, workdir / "noray", n_steps)
         return run_trl(settings, engine, model_dir, data_path, workdir / f"{engine}-{s}-{tag}", n_steps)
 
     warm = {}

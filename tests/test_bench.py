@@ -117,7 +117,7 @@ def _fake_run(engine, wall, step_s, tokens_per_step=1500, steps=8, ref=True, los
 
 def _fake_result(with_trl=True):
     settings = bench.resolve_settings(quick=True)
-    runs = [_fake_run("raydpo", 60.0, 1.0)]
+    runs = [_fake_run("raydpo", 60.0, 1.0), _fake_run(bench.NO_RAY, 3.0, 0.25)]  # the diagnostic: fastest
     if with_trl:
         runs += [_fake_run("trl", 20.0, 0.5), _fake_run("trl+precompute", 18.0, 0.4, ref=False)]
     summary = bench.summarize_shape(runs, params=3_500_000, peak=50e9)
@@ -139,7 +139,7 @@ def test_a_fake_result_matches_the_schema_through_json():
     result = json.loads(json.dumps(_fake_result()))
     assert bench.schema_problems(result) == []
     short = result["results"]["short"]
-    assert short["trl_variant"] == "trl+precompute"  # the faster by wall time
+    assert short["trl_variant"] == "trl+precompute"  # the faster TRL variant by wall time, never raydpo-noray
     assert short["ratios"]["wall_s"] == pytest.approx(60.0 / 18.0)
     assert short["ratios"]["pairs_per_s"] == pytest.approx(0.4)  # 8 pairs / 1.0 s vs 8 / 0.4 s
     assert short["ratios"]["pairs_per_s_median_step"] == pytest.approx(0.4)
@@ -150,8 +150,9 @@ def test_a_fake_result_matches_the_schema_through_json():
     assert eng["trl+precompute"]["model_flops_per_s"] == pytest.approx(6 * 3_500_000 * 1500 / 0.4)
     assert eng["raydpo"]["fraction_of_peak"] == pytest.approx(8 * 3.5e6 * 1500 / 50e9)
     assert short["raydpo_phases_s"]["start_ray_s"] == 4.0
+    assert short["ray_step_overhead"] == {"median_step_s_ray": 1.0, "median_step_s_noray": 0.25, "ratio": 4.0}
     text = bench.format_report(result)
-    assert "trl+precompute*" in text and "raydpo" in text and "step-1 loss" in text
+    assert "trl+precompute*" in text and f"{bench.NO_RAY} (diag.)" in text and "step-1 loss" in text
 
 
 def test_a_result_without_trl_still_matches_the_schema():
