@@ -64,6 +64,7 @@ def _sft_config(root: Path, size: dict, seed: int, tracking: dict):
         "optim": {"lr": 3e-3, "warmup_steps": 10, "schedule": "cosine"},
         "train": {"batch_size": 32, "epochs": size["epochs"], "seed": seed, "output_dir": str(root / "runs"),
                   "log_every": 10, "checkpoint_every": 100},
+        "scaling": {"cpus_per_worker": 1},  # one thread: the same SFT policy on any machine
         "tracking": tracking,
     })  # fmt: skip
 
