@@ -118,7 +118,7 @@ def _base(manifest: dict, root: Path, tracking: dict, seed: int) -> dict:
         "data": {"source": manifest["pairs"], "max_length": 48, "max_prompt_length": 16},
         "optim": {"lr": 1e-3, "warmup_steps": 10},
         "train": {"batch_size": 16, "seed": seed, "output_dir": str(root / "runs"), "log_every": 10},
-        "scaling": {"cpus_per_worker": 1},  # one thread per worker: the numbers do not depend on the core count
+        "scaling": {"cpus_per_worker": 1},  # one thread per worker: numbers independent of the core count
         "tracking": tracking,
     }
 
