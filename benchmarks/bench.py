@@ -7,12 +7,13 @@ One run of this module, on one machine, side by side:
    syllable words, so the text has no meaning; only its lengths matter here.
 2. ONE random-init Llama-style model (4 layers, hidden 256, a ~4k byte-level BPE vocabulary trained on
    the generated text with `models.tiny.build_tokenizer`), saved to a temp dir; every run starts from it.
-3. A warm-up (one short run of each engine, not reported), then rounds that alternate the engines
-   (ABBA order across rounds): (a) raydpo — `raydpo.methods.train` on a `RunConfig`, the code
+3. A warm-up (one 2-step run of raydpo and of TRL, not reported; `--quick`: one Ray start and the
+   TRL imports only, to fill the page cache), then rounds that alternate the engines (ABBA order
+   across rounds): (a) raydpo — `raydpo.methods.train` on a `RunConfig`, the code
    `raydpo train` runs (local Ray, started and shut down per call as a command would; tracking off);
    (b) TRL's DPOTrainer in a subprocess of its own, with and without `precompute_ref_log_probs`;
    and, as a diagnostic outside the ratios, raydpo's loop in this process without Ray (`raydpo-noray`).
-   Both: same batch size, steps, learning rate, β, sigmoid loss, AdamW, clipping 1.0, data in file order
+   All: same batch size, steps, learning rate, β, sigmoid loss, AdamW, clipping 1.0, data in file order
    (shuffle off / sequential sampler), so step 1 sees the same first pairs from the same weights.
 4. Measured per call: steady-state pairs/s and tokens/s (warm-up steps skipped; raydpo from its per-step
    history, TRL from a TrainerCallback timing each step), the same from step-end timestamps
