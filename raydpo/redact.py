@@ -27,9 +27,20 @@ _SECRET_KEY = re.compile(rf"(?:^|[_\-\s])(?:{'|'.join(_SECRET_WORDS)})$")
 _SECRET_JOINED = {"apikey", "authtoken", "accesstoken", "secretkey", "accesskey", "privatekey"}
 
 
+def _environ_snapshot() -> dict[str, str]:
+    """A copy of os.environ; another thread (MLflow's telemetry, say) may change it while it is read,
+    which makes a plain iteration raise, so a torn read is tried again."""
+    for _ in range(10):
+        try:
+            return dict(os.environ)
+        except (KeyError, RuntimeError):
+            continue
+    return {}
+
+
 def env_secrets(environ: Mapping[str, str] | None = None) -> list[str]:
     """Values of the secret-named environment variables worth hiding, longest first."""
-    env = os.environ if environ is None else environ
+    env = _environ_snapshot() if environ is None else environ
     values = {v for k, v in env.items() if _SECRET_ENV_NAME.search(k) and len(v) >= _MIN_ENV_SECRET}
     return sorted(values, key=len, reverse=True)
 

@@ -301,3 +301,32 @@ def test_eval_name_cannot_escape(tmp_path, name):
     f.write_text(yaml.safe_dump(spec))
     with pytest.raises(ConfigError, match="name"):
         load_eval_config(f)
+
+
+def test_redaction_survives_another_thread_changing_the_environment():
+    """MLflow's telemetry sets environment variables from a thread of its own; reading os.environ while
+    it does raised KeyError inside a sweep trial. The snapshot retries a torn read."""
+    import os
+    import threading
+
+    from raydpo.redact import env_secrets
+
+    stop = threading.Event()
+
+    def churn():
+        i = 0
+        while not stop.is_set():
+            os.environ[f"_RAYDPO_CHURN_{i % 50}"] = "v"
+            os.environ.pop(f"_RAYDPO_CHURN_{(i + 25) % 50}", None)
+            i += 1
+
+    t = threading.Thread(target=churn)
+    t.start()
+    try:
+        for _ in range(20000):
+            env_secrets()
+    finally:
+        stop.set()
+        t.join()
+        for i in range(50):
+            os.environ.pop(f"_RAYDPO_CHURN_{i}", None)
