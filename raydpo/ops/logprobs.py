@@ -29,6 +29,11 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return picked - lse
 
 
+class UnsupportedModel(NotImplementedError):
+    """This model or attention backend cannot take a fast path here; the caller falls back to the
+    plain one (`sequence_logps` on `data.tokenize.collate`'s rows)."""
+
+
 class SequenceLogps(NamedTuple):
     """Per-sequence log-probs of the labelled tokens, each (N,)."""
 
@@ -128,7 +133,7 @@ def _inner(model):
 def _config(model):
     config = getattr(_inner(model), "config", None)
     if config is None:
-        raise NotImplementedError(f"{type(model).__name__} has no Hugging Face config")
+        raise UnsupportedModel(f"{type(model).__name__} has no Hugging Face config")
     return config
 
 
@@ -178,20 +183,20 @@ def _attention_bias(mask4: torch.Tensor, impl: str, dtype: torch.dtype) -> torch
 
 
 def _check_head(model):
-    """The LM head module; raises NotImplementedError when the head alone would not give the logits."""
+    """The LM head module; raises UnsupportedModel when the head alone would not give the logits."""
     config = _config(model)
     for cfg in (config, getattr(config, "text_config", None)):
         for name, neutral in LOGIT_TRANSFORMS.items():
             value = getattr(cfg, name, None)
             if value not in neutral:  # e.g. Granite's default logits_scaling is 1.0
-                raise NotImplementedError(
+                raise UnsupportedModel(
                     f"{config.model_type}: config.{name}={value} transforms the logits after the LM head; "
                     "response-only log-probs would differ (use sequence_logps)"
                 )
     head = _inner(model).get_output_embeddings()
     if head is None:
         name = type(_inner(model)).__name__
-        raise NotImplementedError(f"{name} exposes no LM head (get_output_embeddings)")
+        raise UnsupportedModel(f"{name} exposes no LM head (get_output_embeddings)")
     return head
 
 
@@ -214,7 +219,7 @@ def _head_inputs(model, head, **inputs) -> torch.Tensor:
     finally:
         handle.remove()
     if len(seen) != 1:
-        raise NotImplementedError(f"the LM head ran {len(seen)} times in one forward pass (expected once)")
+        raise UnsupportedModel(f"the LM head ran {len(seen)} times in one forward pass (expected once)")
     return seen[0]
 
 
@@ -251,7 +256,7 @@ def response_only_logps(model, input_ids, attention_mask, labels, chunk: int = 1
     Same inputs and result as `sequence_logps` ((N, T) right-padded rows, labels not shifted;
     (N,) sums, means and counts). The hidden states at positions t whose token t + 1 is labelled,
     M rows in all, go through the LM head `chunk` rows at a time, so neither the (N, T, V) logits
-    nor a float32 (M, V) tensor is built. Differentiable. Raises NotImplementedError for a model
+    nor a float32 (M, V) tensor is built. Differentiable. Raises UnsupportedModel for a model
     that transforms its logits after the head (see LOGIT_TRANSFORMS) or exposes no head.
     """
     head = _check_head(model)
@@ -270,18 +275,18 @@ def shared_prefix_logps(model, batch: dict, response_only: bool = False,
 
     Equal to `sequence_logps` on `collate`'s 2B rows of the same pairs (first B: chosen, last B:
     rejected). With `response_only`, the LM head runs only on the scored rows, as in
-    `response_only_logps`. Raises NotImplementedError when `supports_shared_prefix(model)` is
+    `response_only_logps`. Raises UnsupportedModel when `supports_shared_prefix(model)` is
     False, or when a sliding-window model would see a sequence longer than its window (its
     window is not part of the 4-D mask).
     """
     problem = _shared_prefix_problem(model)
     if problem:
-        raise NotImplementedError(problem)
+        raise UnsupportedModel(problem)
     config = _config(model)
     window = _sliding_window(config)
     longest = int(batch["position_ids"].max()) + 1 if window is not None else 0  # no host sync without one
     if window is not None and longest > window:
-        raise NotImplementedError(f"a sequence of {longest} tokens exceeds the sliding window ({window})")
+        raise UnsupportedModel(f"a sequence of {longest} tokens exceeds the sliding window ({window})")
     bias = _attention_bias(batch["attention_mask_4d"], config._attn_implementation, _float_dtype(model))
     inputs = {"input_ids": batch["input_ids"], "attention_mask": bias, "position_ids": batch["position_ids"]}
     keys = ("chosen", "rejected")
