@@ -2,7 +2,7 @@
 MLflow server; both bound to 127.0.0.1, the head with token authentication.
 
 Safe on a shared machine: the head runs with its own HOME (its token is `<tmp home>/.ray/auth_token`,
-never the user's `~/.ray/auth_token`), its own `--temp-dir` and free ports, as a child process group
+never the token file in the user's own home), its own `--temp-dir` and free ports, as a child process group
 of this test (`ray start --block` in a new session). Teardown stops exactly that group (and any of its
 descendants that left it), never `ray stop`, so other Ray clusters of the user keep running. The test
 talks to the head only through the `ray` CLI in subprocesses, so an in-process Ray does not matter.

@@ -209,3 +209,10 @@ def test_metric_names_come_from_the_base_configs_method(tmp_path):
     assert sweep.metric == "eval/rewards/accuracies"
     with pytest.raises(ConfigError, match="not reported by method sft"):
         load_sweep(write(tmp_path, {**GOOD, "metric": "rewards/margins"}, {**base, "method": "sft"}))
+
+
+def test_on_policy_methods_do_not_offer_a_token_rate():
+    from raydpo.methods import METHODS
+
+    assert "tokens_per_second" in METHODS["dpo"].reported
+    assert "tokens_per_second" not in METHODS["ppo"].reported and "kl" in METHODS["ppo"].reported

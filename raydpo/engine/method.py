@@ -75,5 +75,6 @@ class Method:
     @property
     def reported(self) -> tuple[str, ...]:
         """Every metric name a run of this method can report (sweeps validate their metric against it)."""
-        common = ("grad_norm", "learning_rate", "pairs_per_second", "tokens_per_second")
+        common = ("grad_norm", "learning_rate", "pairs_per_second")
+        common += () if self.data == "prompts" else ("tokens_per_second",)  # rollouts count no tokens
         return self.metrics + common + tuple(f"eval/{m}" for m in self.eval_metrics)
