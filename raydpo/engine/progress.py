@@ -6,7 +6,10 @@ import sys
 import threading
 import time
 
-from ray.util.queue import Empty, Queue
+import ray
+from ray.exceptions import RayError
+from ray.util.queue import Empty, Full, Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 
 class Progress:
@@ -16,13 +19,16 @@ class Progress:
     """
 
     def __init__(self, total: int, shown: tuple[tuple[str, str], ...], stream=sys.stderr):
-        # num_cpus=0: the queue actor also fits inside a Tune trial's placement group
-        self.queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+        # num_cpus=0: the queue actor also fits inside a Tune trial's placement group. It lives on the
+        # driver's node: losing a worker's node must not take the progress channel with it.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self.total, self.shown, self.stream = total, shown, stream
         self.history: list[dict] = []
         self._stop = threading.Event()
         self._start = time.monotonic()
         self._first = 0
+        self.lost = False
         self._thread = threading.Thread(target=self._pump, daemon=True)
 
     def __enter__(self):
@@ -39,6 +45,8 @@ class Progress:
             self._drain(timeout=0.5)
 
     def _drain(self, timeout: float = 0.0) -> None:
+        if self.lost:
+            return
         try:
             while True:
                 item = self.queue.get(timeout=timeout) if timeout else self.queue.get_nowait()
@@ -46,6 +54,10 @@ class Progress:
                 self.show(item)
         except Empty:
             return
+        except RayError as e:  # progress is a view: the run goes on, its records are in MLflow
+            self.lost = True
+            print(f"progress lines stopped (queue lost: {type(e).__name__}); the run goes on",
+                  file=self.stream or sys.stderr, flush=True)  # fmt: skip
 
     def show(self, m: dict) -> None:
         if self.stream is None:
@@ -59,3 +71,15 @@ class Progress:
         speed = f"  {m['pairs_per_second']:.1f} pairs/s" if "pairs_per_second" in m else ""
         eta = rate * (self.total - step)
         print(f"step {step}/{self.total}{extra}{speed}  ETA {eta:.0f}s", file=self.stream, flush=True)
+
+
+def sender(queue: Queue):
+    """Rank 0's side of the channel: best effort, a full or lost queue never stops training."""
+
+    def put(item: dict) -> None:
+        try:
+            queue.put_nowait(item)
+        except (Full, RayError):
+            pass
+
+    return put

@@ -21,6 +21,7 @@ from raydpo.data.tokenize import TokenizedPair, collate
 from raydpo.engine import distributed as dist_utils
 from raydpo.engine.checkpointing import usable
 from raydpo.engine.loop import Trainer, WorkerContext
+from raydpo.engine.progress import sender
 from raydpo.engine.sources import PromptSource, epoch_seed, to_device
 from raydpo.tracking import RunLogger
 
@@ -104,7 +105,7 @@ def train_loop_per_worker(config: dict) -> None:
         logger.start_system_metrics(cfg.tracking.system_metrics_s)  # this worker's machine and process
     ctx = WorkerContext(
         rank=rank, world=world, prepare=lambda p, r: dist_utils.prepare(p, r, cfg.scaling), sources=sources,
-        report=report, logger=logger, progress=queue.put_nowait if queue is not None and rank == 0 else None,
+        report=report, logger=logger, progress=sender(queue) if queue is not None and rank == 0 else None,
     )  # fmt: skip
     trainer = Trainer(cfg, method, ctx, config["total_steps"], config["mlflow_run_id"])
     ckpt = ray.train.get_checkpoint()
