@@ -1,6 +1,7 @@
 """User-facing errors that need no config: hub model names offline, joining a token-protected Ray."""
 
 import http.server
+import io
 import socket
 import threading
 import time
@@ -123,7 +124,8 @@ def test_probe_is_bounded_even_when_the_server_never_answers():
 
 def test_probe_is_bounded_when_the_lookup_itself_hangs(monkeypatch):
     """A name lookup is not covered by the socket timeout: the probe gives up on its own."""
-    monkeypatch.setattr(loading.urllib.request, "urlopen", lambda *a, **k: time.sleep(5))
+    hang = lambda *a, **k: time.sleep(5) or io.BytesIO()  # a response, late
+    monkeypatch.setattr(loading.urllib.request, "urlopen", hang)
     t = time.monotonic()
     assert loading._probe("https://hub.invalid", timeout=0.5) == "no answer within 0.5 s"
     assert time.monotonic() - t < 1.5
