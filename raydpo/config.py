@@ -141,6 +141,11 @@ class TrainConfig(_Strict):
     checkpoint_every: int | None = Field(None, gt=0)  # checkpoint every this many steps
     num_to_keep: int | None = Field(2, gt=0)  # checkpoints kept on disk
     skip_nonfinite: bool = False  # skip (and count) a batch whose loss or gradient is NaN/inf; False = stop
+    prefix_sharing: bool = False  # pair methods: one [prompt; chosen; rejected] row per pair where the model
+    #   supports it (ops.logprobs.supports_shared_prefix), else two rows, said once. Off by default: each
+    #   log-prob equals the two-row value within 1e-5, but AdamW's first update amplifies that rounding
+    #   (TRL-parity loss after one step: 4e-6 apart instead of 5e-7)
+    response_only_logits: bool = True  # run the LM head on scored positions only, in chunks
     output_dir: str = "runs"  # run outputs go to <output_dir>/<run_name>
 
     @model_validator(mode="after")

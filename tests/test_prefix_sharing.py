@@ -270,3 +270,86 @@ def test_response_only_through_ddp(toks, tmp_path):
             torch.testing.assert_close(a, b, **TOL)
     finally:
         dist.destroy_process_group()
+
+
+# --- wired into the engine ------------------------------------------------------------------------
+
+
+def test_collate_batch_layouts_and_the_empty_prompt_fallback():
+    from raydpo.data.tokenize import collate_batch
+
+    pairs = make_pairs(50)
+    assert "chosen_src" in collate_batch(pairs, 0, "shared")
+    assert collate_batch(pairs, 0, "pairs")["input_ids"].shape[0] == 2 * len(pairs)
+    assert collate_batch(pairs, 0, "texts")["input_ids"].shape[0] == len(pairs)
+    with_empty = pairs + [TokenizedPair([], [4, 5], [6])]  # nothing would predict its first token
+    b = collate_batch(with_empty, 0, "shared")
+    assert "chosen_src" not in b and b["input_ids"].shape[0] == 2 * len(with_empty)
+
+
+def test_accumulation_splits_shared_batches_into_shared_micro_batches():
+    from raydpo.engine.step import split_batch
+
+    pairs = make_pairs(50, shapes=[(3, 1, 2), (2, 2, 1), (9, 4, 4), (5, 1, 3)])
+    micro = split_batch(collate_shared(pairs, pad_id=0), 2)
+    for mb, group in zip(micro, (pairs[:2], pairs[2:])):
+        want = collate_shared(group, pad_id=0)  # as if collated alone: trimmed to its own widths
+        assert want.keys() == mb.keys()
+        for k in want:
+            assert torch.equal(mb[k], want[k]), k
+
+
+def _dpo_history(model_dir, tmp_path, **train):
+    from raydpo.config import build_config
+    from raydpo.data.schema import PreferenceRecord
+    from raydpo.data.tokenize import pad_token_id, tokenize_pair
+    from raydpo.engine.local import train_local
+    from raydpo.methods.dpo import DPO
+    from raydpo.models.loading import load_tokenizer
+
+    cfg = build_config({
+        "model": {"policy": str(model_dir)}, "optim": {"lr": 1e-3, "schedule": "constant"},
+        "train": {"batch_size": 4, "max_steps": 2, "shuffle": False, "output_dir": str(tmp_path), **train},
+    })  # fmt: skip
+    tok = load_tokenizer(cfg.model)
+    texts = [
+        ("Review of Heat:", " a great film.", " dull."),
+        ("Review of Up, a film:", " superb.", " awful plot."),
+        ("Jaws:", " a brilliant story, I loved it.", " terrible."),
+        ("Alien:", " moving.", " boring."),
+    ]
+    recs = [PreferenceRecord(prompt=p, chosen=c, rejected=r) for p, c, r in texts]
+    return train_local(cfg, DPO, [tokenize_pair(r, tok, 512, 256) for r in recs], pad_token_id(tok))
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_dpo_trains_the_same_with_prefix_sharing(tiny_llama_dir, tmp_path, accum):
+    """`train.prefix_sharing` and `train.response_only_logits` change the arithmetic, not the run."""
+    base = _dpo_history(tiny_llama_dir, tmp_path, prefix_sharing=False, response_only_logits=False)
+    fast = _dpo_history(tiny_llama_dir, tmp_path, prefix_sharing=True, response_only_logits=True,
+                        grad_accum_steps=accum)  # fmt: skip
+    for b, f in zip(base, fast):
+        for k in ("loss", "logps/chosen", "logps/rejected", "rewards/margins", "grad_norm"):
+            assert f[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
+    assert fast[0]["tokens_per_second"] > 0
+
+
+def test_the_trainer_falls_back_to_two_rows_and_says_why(capsys):
+    from types import SimpleNamespace
+
+    from raydpo.config import build_config
+    from raydpo.engine.loop import Trainer
+    from raydpo.methods.dpo import DPO
+
+    cfg = build_config({"model": {"policy": "x"}, "train": {"prefix_sharing": True}})
+    trainer = Trainer(cfg, DPO, SimpleNamespace(rank=0, world=1), 1, None)
+    trainer.objective = DPO.objective(cfg)
+    bloom = AutoModelForCausalLM.from_config(BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=2))
+    assert trainer.batch_layout(bloom, None) == "pairs"
+    assert "two rows per pair (no prefix sharing): prefix sharing is verified for" in capsys.readouterr().err
+    llama = build_model(build_tokenizer("llama"), arch="llama")
+    assert trainer.batch_layout(llama, None) == "shared"
+    assert trainer.batch_layout(llama, bloom) == "pairs"  # the reference must take it too
+    off = build_config({"model": {"policy": "x"}, "train": {"prefix_sharing": False}})
+    trainer.cfg = off
+    assert trainer.batch_layout(llama, None) == "pairs"

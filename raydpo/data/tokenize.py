@@ -16,6 +16,7 @@ tokens are scored.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -206,3 +207,16 @@ def collate_shared(
     for k in ("chosen", "rejected"):
         out |= {f"{k}_labels": labels[k], f"{k}_src": src[k], f"{k}_tgt": tgt[k], f"{k}_mask": valid[k]}
     return out
+
+
+Layout = Literal["pairs", "texts", "shared"]
+
+
+def collate_batch(pairs: list[TokenizedPair], pad_id: int, layout: Layout) -> dict[str, torch.Tensor]:
+    """The engine's one collate: `pairs` → `collate`'s 2B rows, `texts` → its B chosen rows, `shared`
+    → `collate_shared`'s B rows. A `shared` batch holding a pair with an empty prompt (nothing would
+    predict its first response token) is collated as `pairs` instead; consumers tell the two apart
+    by the `chosen_src` key."""
+    if layout == "shared" and all(p.prompt_ids for p in pairs):
+        return collate_shared(pairs, pad_id)
+    return collate(pairs, pad_id, chosen_only=layout == "texts")

@@ -217,7 +217,6 @@ def run(
     loop_config: dict = {
         "method": method,
         "pad_id": pad_token_id(tokenizer),
-        "paired": method.objective(cfg).paired,
     }
     if prompts_only:
         d = cfg.data

@@ -34,15 +34,14 @@ def train_local(cfg: RunConfig, method: Method, rows: list[TokenizedPair] | list
     prompts = method.data == "prompts"
     per_step = cfg.ppo.rollout_batch_size if prompts else cfg.train.batch_size
     total = _steps(cfg, len(rows), per_step)
-    objective_paired = method.objective(cfg).paired
 
     def prepare(p, r):
         return p.to(device), (r.to(device) if r is not None else None), device
 
-    def sources(dev):
+    def sources(dev, layout):
         if prompts:
             return PromptSource(rows, per_step, max(1, len(rows) // per_step), cfg.train.seed, 0, 1), None
-        return ListSource(rows, per_step, cfg.train.seed, pad_id, objective_paired, dev), None
+        return ListSource(rows, per_step, cfg.train.seed, pad_id, layout, dev), None
 
     def report(row: dict, ckpt_fn) -> None:
         if ckpt_fn is not None and checkpoint_dir is not None:

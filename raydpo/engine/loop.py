@@ -20,6 +20,7 @@ Assumptions:
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from raydpo.engine.method import Method
 from raydpo.engine.optim import build_optimizer, build_scheduler, clip_gradients, seed_everything
 from raydpo.engine.step import train_step
 from raydpo.models.loading import load_reference
+from raydpo.ops.logprobs import shared_prefix_fallback
 from raydpo.tracking import RunLogger
 
 
@@ -82,7 +84,8 @@ class Trainer:
             method.rollout(cfg, self.policy, self.reference, self.device, self.rank, self.world)
             if method.rollout else None
         )  # fmt: skip
-        self.train_source, self.eval_source = self.ctx.sources(self.device)
+        self.layout = self.batch_layout(policy, reference)
+        self.train_source, self.eval_source = self.ctx.sources(self.device, self.layout)
         self.autocast = dist_utils.autocast(cfg.scaling, self.device)
         pos = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
         if state is not None:
@@ -94,6 +97,21 @@ class Trainer:
             self.skipped = state.get("nonfinite_skipped", 0)
             pos = {k: state[k] for k in pos}
         return pos
+
+    def batch_layout(self, policy, reference) -> str:
+        """How pairs are collated (data.tokenize.collate_batch): one row per pair where the objective
+        and the models take it (`train.prefix_sharing`), else two; single rows for text methods."""
+        objective, cfg = self.objective, self.cfg
+        if not objective.paired:
+            return "texts"
+        if not (objective.shared_prefix and cfg.train.prefix_sharing):
+            return "pairs"
+        why = shared_prefix_fallback((policy, reference), cfg.data.max_length)
+        if why is not None:
+            if self.rank == 0:
+                print(f"raydpo: two rows per pair (no prefix sharing): {why}", file=sys.stderr, flush=True)
+            return "pairs"
+        return "shared"
 
     # ------------------------------------------------------------------------------------- train
     def train(self, pos: dict) -> list[dict]:

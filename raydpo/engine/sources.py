@@ -2,7 +2,8 @@
 
 A source's `epoch(e, shuffle)` yields this worker's full batches of epoch `e` in a seeded order, so a
 resumed run can skip the batches it already trained on. Pairs and texts come as collated tensors
-(`data.tokenize.collate`); prompts (on-policy methods) as lists of strings.
+(`data.tokenize.collate_batch`, in the layout the trainer chose); prompts (on-policy methods) as
+lists of strings.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from raydpo.data.tokenize import TokenizedPair, collate
+from raydpo.data.tokenize import Layout, TokenizedPair, collate_batch
 
 
 class BatchSource(Protocol):
@@ -34,10 +35,10 @@ class ListSource:
     the last incomplete batch dropped (every step sees `batch_size` pairs)."""
 
     def __init__(
-        self, pairs: list[TokenizedPair], batch_size: int, seed: int, pad_id: int, paired: bool, device
+        self, pairs: list[TokenizedPair], batch_size: int, seed: int, pad_id: int, layout: Layout, device
     ):
         self.pairs, self.batch_size, self.seed, self.pad_id = pairs, batch_size, seed, pad_id
-        self.paired, self.device = paired, device
+        self.layout, self.device = layout, device
 
     def epoch(self, epoch: int, shuffle: bool = True) -> Iterator[dict]:
         order = list(range(len(self.pairs)))
@@ -46,7 +47,7 @@ class ListSource:
             order = torch.randperm(len(self.pairs), generator=g).tolist()
         for i in range(0, len(order) - self.batch_size + 1, self.batch_size):
             group = [self.pairs[j] for j in order[i : i + self.batch_size]]
-            batch = collate(group, self.pad_id, chosen_only=not self.paired)
+            batch = collate_batch(group, self.pad_id, self.layout)
             yield to_device({**batch, "ids": [p.id for p in group]}, self.device)
 
 

@@ -15,9 +15,15 @@ from raydpo.engine.method import Metrics, Objective
 
 
 def split_batch(batch: dict, parts: int, paired: bool = True) -> list[dict]:
-    """Split a collated batch of B pairs (2B rows) or B single rows into `parts` micro-batches."""
+    """Split a collated batch of B pairs (2B rows, or `collate_shared`'s B rows) or B single rows into
+    `parts` micro-batches."""
     if parts == 1:
         return [batch]
+    if "chosen_src" in batch:  # one row per pair
+        size = batch["input_ids"].shape[0] // parts
+        return [
+            _trim_shared({k: v[k0 * size : (k0 + 1) * size] for k, v in batch.items()}) for k0 in range(parts)
+        ]
     b = batch["input_ids"].shape[0] // (2 if paired else 1)
     size = b // parts
     out = []
@@ -33,6 +39,21 @@ def _trim(mb: dict) -> dict:
     """Drop padding columns that no row of a micro-batch uses."""
     width = int(mb["attention_mask"].sum(-1).max())  # host sync, once per micro-batch
     return {k: (v[:, :width] if v.dim() == 2 else v) for k, v in mb.items()}
+
+
+def _trim_shared(mb: dict) -> dict:
+    """`_trim` for `collate_shared`'s layout: (B, T) columns, the (B, 1, T, T) mask, (B, R) columns."""
+    width = int(mb["attention_mask"].sum(-1).max())  # host sync, once per micro-batch
+    resp = int(torch.maximum(mb["chosen_mask"].sum(-1), mb["rejected_mask"].sum(-1)).max())
+    out = {}
+    for k, v in mb.items():
+        if k == "attention_mask_4d":
+            out[k] = v[:, :, :width, :width]
+        elif k.endswith(("_src", "_tgt", "_mask")) and k != "attention_mask":
+            out[k] = v[:, :resp]
+        else:
+            out[k] = v[:, :width]
+    return out
 
 
 def train_step(

@@ -17,7 +17,7 @@ import ray.train
 import torch
 
 from raydpo.config import RunConfig
-from raydpo.data.tokenize import TokenizedPair, collate
+from raydpo.data.tokenize import Layout, TokenizedPair, collate_batch
 from raydpo.engine import distributed as dist_utils
 from raydpo.engine.checkpointing import usable
 from raydpo.engine.loop import Trainer, WorkerContext
@@ -28,7 +28,7 @@ from raydpo.tracking import RunLogger
 SHUFFLE_BUFFER = 20_000  # pairs held for the seeded per-epoch shuffle
 
 
-def make_collate(rank: int, per_worker: int, pad_id: int, paired: bool):
+def make_collate(rank: int, per_worker: int, pad_id: int, layout: Layout):
     """collate_fn for iter_torch_batches: this rank's slice of a global batch → padded tensors."""
 
     def fn(batch: dict) -> dict:
@@ -40,7 +40,7 @@ def make_collate(rank: int, per_worker: int, pad_id: int, paired: bool):
             )
         ]
         ids = [None if i is None else str(i) for i in batch["id"][lo:hi]] if "id" in batch else []
-        return {**collate(pairs, pad_id, chosen_only=not paired), "ids": ids}
+        return {**collate_batch(pairs, pad_id, layout), "ids": ids}
 
     return fn
 
@@ -49,7 +49,7 @@ class ShardSource:
     """A Ray Data shard: this worker's slice of every global batch, in a seeded per-epoch order."""
 
     def __init__(
-        self, shard, batch_size: int, seed: int, rank: int, world: int, pad_id: int, paired: bool, device
+        self, shard, batch_size: int, seed: int, rank: int, world: int, pad_id: int, layout: Layout, device
     ):
         self.shard, self.batch_size, self.seed, self.world, self.device = (
             shard,
@@ -58,7 +58,7 @@ class ShardSource:
             world,
             device,
         )
-        self.collate = make_collate(rank, batch_size, pad_id, paired)
+        self.collate = make_collate(rank, batch_size, pad_id, layout)
 
     def epoch(self, epoch: int, shuffle: bool = True):
         it = self.shard.iter_torch_batches(
@@ -88,14 +88,13 @@ def train_loop_per_worker(config: dict) -> None:
     rtx = ray.train.get_context()
     rank, world = rtx.get_world_rank(), rtx.get_world_size()
 
-    def sources(device):
+    def sources(device, layout):
         if method.data == "prompts":
             return PromptSource(config["prompts"], cfg.ppo.rollout_batch_size, config["steps_per_epoch"],
                                 cfg.train.seed, rank, world), None  # fmt: skip
-        paired = config["paired"]
         t = cfg.train
         make = lambda name: ShardSource(ray.train.get_dataset_shard(name), t.batch_size, t.seed, rank, world,
-                                        config["pad_id"], paired, device)  # fmt: skip
+                                        config["pad_id"], layout, device)  # fmt: skip
         return make("train"), (make("eval") if config["has_eval"] else None)
 
     queue = config.get("progress")

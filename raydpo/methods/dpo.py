@@ -1,8 +1,10 @@
 """The DPO family: one method whose objective is any combination of `raydpo.losses` (sigmoid, IPO,
 hinge, …) on summed or averaged sequence log-probs.
 
-A batch is `data.tokenize.collate`'s 2B rows: the B chosen sequences first, then the B rejected
-ones, so policy and reference each need one forward pass per step. Metric names follow TRL's; as in
+A batch is `data.tokenize.collate`'s 2B rows (the B chosen sequences first, then the B rejected
+ones) or, where the model supports it, `collate_shared`'s B rows with each prompt computed once
+(`train.prefix_sharing`); `ops.logprobs.pair_logps` reads both, so policy and reference each need
+one forward pass per step. Metric names follow TRL's; as in
 TRL, `rewards/*` and `logps/*` use the *summed* log-probs whatever reduction the loss itself uses
 (IPO and SimPO average per token).
 """
@@ -14,7 +16,7 @@ import torch
 from raydpo.config import LossConfig, RunConfig
 from raydpo.engine.method import Method, Metrics, Objective
 from raydpo.losses import LOSSES, combined_loss
-from raydpo.ops.logprobs import SequenceLogps, sequence_logps
+from raydpo.ops.logprobs import SequenceLogps, pair_logps
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
            "logps/chosen", "logps/rejected")  # fmt: skip
@@ -25,15 +27,14 @@ def _pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[:b], x[b:]  # chosen (B,), rejected (B,)
 
 
-def reference_logps(reference, policy, batch: dict) -> torch.Tensor | None:
+def reference_logps(reference, policy, batch: dict, response_only: bool = False) -> torch.Tensor | None:
     """Summed reference log-probs (2B,): from the reference model, or the policy's LoRA base."""
-    args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
     if reference is not None:
         with torch.no_grad():
-            return sequence_logps(reference, *args).sum
+            return pair_logps(reference, batch, response_only).sum
     if hasattr(policy, "disable_adapter"):  # peft: the base model with adapters off is the reference
         with torch.no_grad(), policy.disable_adapter():
-            return sequence_logps(policy, *args).sum
+            return pair_logps(policy, batch, response_only).sum
     return None
 
 
@@ -41,10 +42,12 @@ def needs_reference(loss_cfg: LossConfig) -> bool:
     return not all(getattr(LOSSES[n], "reference_free", False) for n in loss_cfg.names)
 
 
-def compute_loss(policy, reference, batch: dict, loss_cfg: LossConfig) -> tuple[torch.Tensor, Metrics]:
+def compute_loss(
+    policy, reference, batch: dict, loss_cfg: LossConfig, response_only: bool = False
+) -> tuple[torch.Tensor, Metrics]:
     """Scalar loss (mean over pairs) and detached per-batch metrics (0-d tensors; no host sync)."""
-    pol: SequenceLogps = sequence_logps(policy, batch["input_ids"], batch["attention_mask"], batch["labels"])
-    ref_sum = reference_logps(reference, policy, batch) if needs_reference(loss_cfg) else None
+    pol: SequenceLogps = pair_logps(policy, batch, response_only)
+    ref_sum = reference_logps(reference, policy, batch, response_only) if needs_reference(loss_cfg) else None
     policy_logps = {"sum": _pairs(pol.sum), "mean": _pairs(pol.mean)}
     ref_logps = None
     if ref_sum is not None:
@@ -79,8 +82,9 @@ def _metrics(loss, pol: SequenceLogps, ref_sum, out, beta: float) -> Metrics:
 
 
 def objective(cfg: RunConfig) -> Objective:
-    loss_cfg = cfg.loss
-    return Objective(lambda m, ref, b: compute_loss(m, ref, b, loss_cfg), paired=True)
+    loss_cfg, response_only = cfg.loss, cfg.train.response_only_logits
+    fn = lambda m, ref, b: compute_loss(m, ref, b, loss_cfg, response_only)
+    return Objective(fn, paired=True, shared_prefix=True)
 
 
 def _uses_reference(cfg: RunConfig) -> bool:

@@ -11,6 +11,7 @@ one row at a time (`token_logps`), so no float32 copy of a whole (N, T, V) tenso
 
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple
 
 import torch
@@ -311,3 +312,48 @@ def shared_prefix_logps(model, batch: dict, response_only: bool = False,
         total = torch.zeros(n_rows, dtype=torch.float32, device=lp.device).index_add(0, r, lp)
         out.append(_sequence(total, batch[f"{k}_mask"].sum(-1)))
     return out[0], out[1]
+
+
+_said: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    """One line on stderr per distinct fallback and process (every step would hit it again)."""
+    if message not in _said:
+        _said.add(message)
+        print(f"raydpo: {message}", file=sys.stderr, flush=True)
+
+
+def pair_logps(model, batch: dict, response_only: bool = False) -> SequenceLogps:
+    """(2B,) log-probs of a batch of B pairs, chosen then rejected, from either batch layout.
+
+    `batch` is `data.tokenize.collate`'s 2B rows, or `collate_shared`'s B rows (it has `chosen_src`;
+    one forward pass with the prompt computed once). `response_only` runs the LM head on scored
+    positions only; a model whose logits it cannot reproduce (see `_check_head`) falls back to the
+    full logits, said once on stderr.
+    """
+    if response_only:
+        try:
+            _check_head(model)
+        except UnsupportedModel as e:
+            _say_once(f"logits on every position: {e}")
+            response_only = False
+    if "chosen_src" in batch:
+        c, r = shared_prefix_logps(model, batch, response_only=response_only)
+        return SequenceLogps(*(torch.cat([a, b]) for a, b in zip(c, r)))
+    args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+    return response_only_logps(model, *args) if response_only else sequence_logps(model, *args)
+
+
+def shared_prefix_fallback(models, max_length: int) -> str | None:
+    """Why these models (policy, and reference where there is one) cannot share prompts on sequences
+    of up to `max_length` tokens, or None when they can."""
+    for m in models:
+        if m is None:
+            continue
+        if why := _shared_prefix_problem(m):
+            return why
+        window = _sliding_window(_config(m))
+        if window is not None and window < max_length:
+            return f"the sliding window ({window}) is shorter than data.max_length ({max_length})"
+    return None
