@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser(
         "train",
-        help="train from a YAML config: DPO, or method sft, preferred_ft, reward_model, ppo, ppo_gt",
+        help="train from a YAML config: DPO, or method sft, preferred_ft, reward_model, ppo, ppo_gt, "
+        "unlikelihood",
     )
     t.add_argument("config", nargs="?", help="YAML config; omitted = the built-in defaults")
     t.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. loss.beta=0.1")

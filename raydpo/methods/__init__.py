@@ -11,8 +11,11 @@ from raydpo.methods.dpo import DPO
 from raydpo.methods.ppo import PPO, PPO_GT
 from raydpo.methods.reward_model import REWARD_MODEL
 from raydpo.methods.supervised import PREFERRED_FT, SFT
+from raydpo.methods.unlikelihood import UNLIKELIHOOD
 
-METHODS: dict[str, Method] = {m.name: m for m in (DPO, SFT, PREFERRED_FT, REWARD_MODEL, PPO, PPO_GT)}
+METHODS: dict[str, Method] = {
+    m.name: m for m in (DPO, SFT, PREFERRED_FT, REWARD_MODEL, PPO, PPO_GT, UNLIKELIHOOD)
+}
 assert set(METHODS) == set(METHOD_NAMES), "config.METHODS and the registry must name the same methods"
 
 
