@@ -81,6 +81,7 @@ class Settings:
     beta: float = 0.1
     loss: str = "sigmoid"
     optimizer: str = "adamw (betas 0.9/0.999, eps 1e-8, weight decay 0), constant lr, clip 1.0"
+    raydpo_overrides: list[str] = field(default_factory=list)  # `--set key=value`: raydpo's config only
     extra: dict = field(default_factory=dict)
 
 
@@ -96,6 +97,7 @@ def resolve_settings(
     batch_size: int = 8,
     rounds: int | None = None,
     seed: int = 0,
+    overrides: list[str] | tuple = (),
 ) -> Settings:
     """Defaults: 24 steps of 8 pairs (192 pairs), both shapes, 2 rounds, the first 4 steps not counted.
     `quick`: 8 steps, the short shape, 1 round, 2 steps not counted."""
@@ -110,6 +112,13 @@ def resolve_settings(
     if pairs < batch_size or pairs % batch_size:
         raise BenchError(f"--pairs {pairs}: must be a positive multiple of the batch size ({batch_size})")
     warmup = min(2 if quick else 4, steps // 2)
+    for text in overrides:
+        if not text.split("=", 1)[0].startswith("train."):
+            raise BenchError(f"--set {text}: only train.* settings apply (e.g. train.prefix_sharing=true)")
+    if overrides:
+        from raydpo.config import build_config
+
+        build_config({}, "bench --set", list(overrides))  # a bad key or value: ConfigError, exit 2
     return Settings(
         shapes=list(SHAPES) if shape == "both" else [shape],
         steps=steps,
@@ -119,6 +128,7 @@ def resolve_settings(
         rounds=rounds,
         quick=quick,
         seed=seed,
+        raydpo_overrides=list(overrides),
     )
 
 
@@ -457,6 +467,7 @@ def raydpo_config(
             "tracking": {"enabled": False, "tracking_uri": f"sqlite:///{out_dir / 'mlflow.db'}"},
         },
         "bench",
+        settings.raydpo_overrides,
     )
 
 
@@ -1115,12 +1126,13 @@ def run_bench(
     batch_size: int = 8,
     seed: int = 0,
     keep: bool = False,
+    overrides: list[str] | tuple = (),
     log=print,
 ) -> dict:
     """The whole benchmark; prints the table, writes the JSON, returns the result. The temporary work
     directory (model, data, run outputs) is removed at the end unless `keep`."""
     t_start = time.perf_counter()
-    settings = resolve_settings(quick, shape, pairs, steps, batch_size, rounds, seed)
+    settings = resolve_settings(quick, shape, pairs, steps, batch_size, rounds, seed, overrides)
     out_path = Path(out) if out else Path("runs") / "bench" / f"bench-{datetime.now():%Y%m%d-%H%M%S}.json"
     if os.environ.pop("RAY_ADDRESS", None):
         log("bench: RAY_ADDRESS ignored: the benchmark starts its own local Ray (to measure its workers)")

@@ -71,7 +71,7 @@ def _cmd_bench(args) -> int:
         raise UserError("raydpo bench needs the `benchmarks` package (a source checkout)") from None
 
     run_bench(quick=args.quick, shape=args.shape, pairs=args.pairs, steps=args.steps, out=args.out,
-              rounds=args.rounds, batch_size=args.batch_size, keep=args.keep)  # fmt: skip
+              rounds=args.rounds, batch_size=args.batch_size, keep=args.keep, overrides=args.set)  # fmt: skip
     return 0
 
 
@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rounds", type=int, help="alternating rounds of every engine (default 2; --quick: 1)")
     b.add_argument("--out", help="JSON results file (default runs/bench/bench-DATE-TIME.json)")
     b.add_argument("--keep", action="store_true", help="keep the temporary work directory (model, runs)")
+    b.add_argument("--set", action="append", default=[], metavar="train.KEY=VALUE",
+                   help="a raydpo training setting for raydpo's runs, e.g. train.prefix_sharing=true "
+                        "(repeatable; recorded in the JSON)")  # fmt: skip
     b.set_defaults(func=_cmd_bench)
 
     d = sub.add_parser("data", help="inspect preference data")

@@ -146,6 +146,8 @@ class TrainConfig(_Strict):
     #   log-prob equals the two-row value within 1e-5, but AdamW's first update amplifies that rounding
     #   (TRL-parity loss after one step: 4e-6 apart instead of 5e-7)
     response_only_logits: bool = True  # run the LM head on scored positions only, in chunks
+    precompute_reference: bool = False  # score the data with the reference once, before training, cached
+    #   under <output_dir>/.reference-cache (engine/reference.py); workers then hold only the policy
     output_dir: str = "runs"  # run outputs go to <output_dir>/<run_name>
 
     @model_validator(mode="after")

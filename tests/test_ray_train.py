@@ -175,3 +175,37 @@ def test_parquet_source_quarantines_by_id(ray_local, run_cfg, tmp_path):
     assert good.count() == 9 and report.counts == {"identical": 1}
     line = json.loads((tmp_path / "q.jsonl").read_text())
     assert line["row"] == "broken" and line["reason"] == "identical" and line["raw"]["chosen"] == "same"
+
+
+def test_reference_log_probs_are_computed_once_and_train_the_same(ray_local, run_cfg, tmp_path):
+    """`train.precompute_reference`: a Ray Data stage scores the pairs once, a second run with the same
+    key reads the cache, and the curve is the one the live reference gives (prefix sharing too)."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from raydpo.methods import train as run
+
+    lines: list[str] = []
+    common = {"scaling": {"num_workers": 1}, "data": {"eval_fraction": 0.25}, "train": {"eval_every": 2}}
+    live = run(run_cfg(run_name="live", tracking={"enabled": False}, **common), log=lines.append)
+    pre = {"train": {"eval_every": 2, "precompute_reference": True}}
+    first = run(run_cfg(run_name="pre1", **{**common, **pre}), log=lines.append)
+    again = run(run_cfg(run_name="pre2", **{**common, "train": {**pre["train"], "prefix_sharing": True}}),
+                log=lines.append)  # fmt: skip
+    computed = [x for x in lines if x.startswith("reference log-probs: computed")]
+    reused = [x for x in lines if x.startswith("reference log-probs: reused")]
+    assert len(computed) == 1 and len(reused) == 1, lines
+    (cache,) = (tmp_path / "runs" / ".reference-cache").iterdir()
+    done = json.loads((cache / "done.json").read_text())
+    assert done["splits"] == ["eval", "train"] and done["rows"] == 64  # builtin:tiny-prefs, all rows
+    keys = ["loss", "logps/chosen", "rewards/margins", "eval/loss"]
+    for h_live, h_pre, h_again in zip(live["history"], first["history"], again["history"]):
+        for k in (k for k in keys if k in h_live):
+            assert h_pre[k] == pytest.approx(h_live[k], abs=1e-5), k
+            assert h_again[k] == pytest.approx(h_live[k], rel=1e-4, abs=1e-4), k
+    assert len(first["history"]) == len(live["history"]) == 4
+    client = MlflowClient(tracking_uri=run_cfg().tracking.tracking_uri)
+    tags = {r.data.tags["mlflow.runName"]: r.data.tags.get("raydpo.reference_logps", "")
+            for r in client.search_runs([client.get_experiment_by_name("t").experiment_id])}  # fmt: skip
+    assert tags["pre1"] == f"computed {cache.name}" and tags["pre2"] == f"reused {cache.name}"

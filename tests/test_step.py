@@ -79,6 +79,10 @@ def test_split_batch_keeps_pairs_together():
     assert second["input_ids"][:, 1].tolist() == [12, 13, 22, 23]  # chosen of pairs 2,3 then their rejected
     single = split_batch(collate(pairs, pad_id=0, chosen_only=True), 2, paired=False)[1]
     assert single["input_ids"][:, 1].tolist() == [12, 13]
+    # precomputed reference log-probs are one value per pair: split by pair, not by row
+    ref = {"ref_chosen": torch.arange(4.0), "ref_rejected": torch.arange(4.0, 8.0)}
+    second = split_batch({**b, **ref}, 2)[1]
+    assert second["ref_chosen"].tolist() == [2.0, 3.0] and second["ref_rejected"].tolist() == [6.0, 7.0]
 
 
 def test_lora_reference_is_base_model(tiny_llama_dir):

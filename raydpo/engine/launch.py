@@ -28,6 +28,8 @@ from raydpo.data.tokenize import pad_token_id
 from raydpo.engine.checkpointing import publish_dir, tidy_run_dir
 from raydpo.engine.method import Method
 from raydpo.engine.progress import Progress
+from raydpo.engine.reference import COLUMNS as REF_COLUMNS
+from raydpo.engine.reference import attach as attach_reference
 from raydpo.engine.session import start_ray
 from raydpo.engine.worker import train_loop_per_worker
 from raydpo.errors import UserError
@@ -166,6 +168,12 @@ def build_datasets(cfg: RunConfig, log, texts: bool = False):
     return train.materialize(), (evalset.materialize() if evalset is not None else None), reports
 
 
+def precomputes_reference(cfg: RunConfig, method: Method) -> bool:
+    """Whether this run reads reference log-probs from its data (`train.precompute_reference`)."""
+    wanted = cfg.train.precompute_reference and method.uses_reference(cfg)
+    return bool(wanted and method.objective(cfg).reads_reference)
+
+
 def steps_per_epoch(cfg: RunConfig, method: Method, n_rows: int) -> int:
     """Steps in one pass over `n_rows` with every worker's batch (prompts: with replacement, at least 1)."""
     per_worker = cfg.ppo.rollout_batch_size if method.data == "prompts" else cfg.train.batch_size
@@ -227,7 +235,12 @@ def run(
     else:
         train, evalset, reports = prepared or build_datasets(cfg, log, texts=method.data == "texts")
         datasets = {"train": train, **({"eval": evalset} if evalset is not None else {})}
-        n_rows = train.count()
+        if precomputes_reference(cfg, method):
+            if REF_COLUMNS[0] not in train.schema().names:  # a sweep attaches them once for its trials
+                datasets, outcome = attach_reference(cfg, datasets, log)
+                tags = {**(tags or {}), "raydpo.reference_logps": outcome}
+            loop_config["reference_in_data"] = True
+        n_rows = datasets["train"].count()
         loop_config["has_eval"] = evalset is not None
     per_epoch = steps_per_epoch(cfg, method, n_rows)
     steps = cfg.train.max_steps or per_epoch * cfg.train.epochs

@@ -52,6 +52,7 @@ class WorkerContext:
     logger: RunLogger | None = None  # rank 0's MLflow run
     progress: Callable[[dict], None] | None = None  # rank 0's live progress lines
     models: tuple | None = None  # (policy, reference) already loaded (single-process tests), else loaded here
+    reference_in_data: bool = False  # batches carry reference log-probs (engine/reference.py): none loaded
 
 
 class Trainer:
@@ -75,7 +76,8 @@ class Trainer:
             policy, reference = self.ctx.models
         else:
             policy = method.load_model(cfg, model_dir)
-            reference = load_reference(cfg.model) if method.uses_reference(cfg) else None
+            wanted = method.uses_reference(cfg) and not self.ctx.reference_in_data
+            reference = load_reference(cfg.model) if wanted else None
         self.policy, self.reference, self.device = self.ctx.prepare(policy, reference)
         self.opt = build_optimizer(self.policy.parameters(), cfg.optim)
         self.sched = build_scheduler(self.opt, cfg.optim, self.total)

@@ -27,6 +27,8 @@ class Objective:
     fn: Callable[[Any, Any, dict], tuple[torch.Tensor, Metrics]]
     paired: bool  # a batch holds 2B rows (B chosen, then B rejected): accumulation splits it in pairs
     shared_prefix: bool = False  # also takes `collate_shared`'s B rows (ops.logprobs.pair_logps reads both)
+    reads_reference: bool = False  # uses `ref_chosen` / `ref_rejected` (B,) in a batch when present
+    #   (engine/reference.py precomputes them) instead of running the reference model
 
     def __call__(self, model, reference, batch: dict) -> tuple[torch.Tensor, Metrics]:
         return self.fn(model, reference, batch)

@@ -31,7 +31,8 @@ def split_batch(batch: dict, parts: int, paired: bool = True) -> list[dict]:
         sel = torch.arange(k * size, (k + 1) * size)
         if paired:  # chosen rows k·size… and their rejected rows b + k·size…
             sel = torch.cat([sel, torch.arange(b + k * size, b + (k + 1) * size)])
-        out.append(_trim({key: v[sel] for key, v in batch.items()}))
+        pair_sel = torch.arange(k * size, (k + 1) * size)  # (B,) entries: precomputed reference log-probs
+        out.append(_trim({key: v[pair_sel] if v.dim() == 1 else v[sel] for key, v in batch.items()}))
     return out
 
 
@@ -47,7 +48,9 @@ def _trim_shared(mb: dict) -> dict:
     resp = int(torch.maximum(mb["chosen_mask"].sum(-1), mb["rejected_mask"].sum(-1)).max())
     out = {}
     for k, v in mb.items():
-        if k == "attention_mask_4d":
+        if v.dim() == 1:  # per pair (precomputed reference log-probs)
+            out[k] = v
+        elif k == "attention_mask_4d":
             out[k] = v[:, :, :width, :width]
         elif k.endswith(("_src", "_tgt", "_mask")) and k != "attention_mask":
             out[k] = v[:, :resp]

@@ -22,6 +22,7 @@ from raydpo.engine import distributed as dist_utils
 from raydpo.engine.checkpointing import usable
 from raydpo.engine.loop import Trainer, WorkerContext
 from raydpo.engine.progress import sender
+from raydpo.engine.reference import COLUMNS as REF_COLUMNS
 from raydpo.engine.sources import PromptSource, epoch_seed, to_device
 from raydpo.tracking import RunLogger
 
@@ -40,7 +41,8 @@ def make_collate(rank: int, per_worker: int, pad_id: int, layout: Layout):
             )
         ]
         ids = [None if i is None else str(i) for i in batch["id"][lo:hi]] if "id" in batch else []
-        return {**collate_batch(pairs, pad_id, layout), "ids": ids}
+        ref = {k: torch.as_tensor(batch[k][lo:hi], dtype=torch.float32) for k in REF_COLUMNS if k in batch}
+        return {**collate_batch(pairs, pad_id, layout), **ref, "ids": ids}
 
     return fn
 
@@ -105,6 +107,7 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = WorkerContext(
         rank=rank, world=world, prepare=lambda p, r: dist_utils.prepare(p, r, cfg.scaling), sources=sources,
         report=report, logger=logger, progress=sender(queue) if queue is not None and rank == 0 else None,
+        reference_in_data=config.get("reference_in_data", False),
     )  # fmt: skip
     trainer = Trainer(cfg, method, ctx, config["total_steps"], config["mlflow_run_id"])
     ckpt = ray.train.get_checkpoint()

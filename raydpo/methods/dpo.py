@@ -28,7 +28,10 @@ def _pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def reference_logps(reference, policy, batch: dict, response_only: bool = False) -> torch.Tensor | None:
-    """Summed reference log-probs (2B,): from the reference model, or the policy's LoRA base."""
+    """Summed reference log-probs (2B,): precomputed in the batch (`train.precompute_reference`), from
+    the reference model, or from the policy's LoRA base."""
+    if "ref_chosen" in batch:
+        return torch.cat([batch["ref_chosen"], batch["ref_rejected"]])
     if reference is not None:
         with torch.no_grad():
             return pair_logps(reference, batch, response_only).sum
@@ -84,7 +87,7 @@ def _metrics(loss, pol: SequenceLogps, ref_sum, out, beta: float) -> Metrics:
 def objective(cfg: RunConfig) -> Objective:
     loss_cfg, response_only = cfg.loss, cfg.train.response_only_logits
     fn = lambda m, ref, b: compute_loss(m, ref, b, loss_cfg, response_only)
-    return Objective(fn, paired=True, shared_prefix=True)
+    return Objective(fn, paired=True, shared_prefix=True, reads_reference=True)
 
 
 def _uses_reference(cfg: RunConfig) -> bool:

@@ -47,7 +47,8 @@ from raydpo.config import (
     read_yaml,
     safe_name,
 )
-from raydpo.engine.launch import build_datasets, preflight, resolve_paths
+from raydpo.engine.launch import build_datasets, precomputes_reference, preflight, resolve_paths
+from raydpo.engine.reference import attach as attach_reference
 from raydpo.engine.session import start_ray
 from raydpo.errors import ConfigError, UserError
 from raydpo.methods import METHODS, get_method, train
@@ -342,6 +343,11 @@ def run_sweep(path: str, overrides: list[str] = (), resume: bool = False, log=pr
     method = get_method(base_cfg.method)
     shared = shares_data(sweep) and method.data != "prompts"
     prepared = build_datasets(base_cfg, log, texts=method.data == "texts") if shared else None
+    if prepared and precomputes_reference(base_cfg, method):  # one reference pass for every trial
+        train, evalset, reports = prepared
+        splits = {"train": train, **({"eval": evalset} if evalset is not None else {})}
+        scored, _ = attach_reference(base_cfg, splits, log)
+        prepared = (scored["train"], scored.get("eval"), reports)
     trainable = tune.with_resources(
         tune.with_parameters(trial_main, base=base, sweep=sweep.model_dump(), root=str(root), cwd=os.getcwd(),
                              parent_run_id=parent, prepared=prepared),

@@ -1,0 +1,139 @@
+"""Reference log-probs once (`train.precompute_reference`): a Ray Data actor-pool stage ahead of
+training, cached on disk, so training keeps only the policy in memory.
+
+The stage scores every tokenized pair with the reference model (`ops.logprobs.pair_logps`, two rows
+per pair, no gradients) and stores the pairs with two more columns, `ref_chosen` and `ref_rejected`
+(summed log-probs), as parquet under `<train.output_dir>/.reference-cache/<key>/<split>/`. The key
+is a sha256 over what decides those numbers: the reference weights (every file's size, and its
+bytes below 64 MiB), the tokenizer, the data section of the config, the source's digest and the
+eval split's seed. A run or sweep trial with the same key reads the cache instead of scoring again;
+a sweep scores once for all its trials (sweep/run.py). The cache is published atomically (a
+folder renamed into place), so a stage that dies leaves nothing a later run would trust.
+
+Assumptions:
+- The reference is frozen: `model.reference`, or the policy's starting weights (also when a LoRA
+  adapter is trained: its base is the reference).
+- Row order in the cache is the order of the tokenized dataset (order is preserved), so a run that
+  computes the cache and a run that reuses it train on the same sequence of batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from raydpo.config import RunConfig
+from raydpo.data.tokenize import TokenizedPair, collate, pad_token_id
+from raydpo.engine.checkpointing import HASHED_BELOW, _sha256
+from raydpo.models.loading import load_reference, load_tokenizer
+from raydpo.ops.logprobs import pair_logps
+from raydpo.tracking import dataset_digest
+
+CACHE_VERSION = 1
+COLUMNS = ("ref_chosen", "ref_rejected")
+
+
+def _files_digest(h, name: str) -> None:
+    path = Path(name)
+    if not path.is_dir():  # a hub name or builtin: its name (a hub snapshot is immutable per revision)
+        h.update(f"name:{name}".encode())
+        return
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        size = f.stat().st_size
+        content = _sha256(f) if size < HASHED_BELOW else f"{f.stat().st_mtime_ns}"
+        h.update(f"{f.relative_to(path)}:{size}:{content}\n".encode())
+
+
+def cache_key(cfg: RunConfig) -> str:
+    """sha256 (first 20 hex digits) of the reference weights, tokenizer, data settings and source."""
+    m, d = cfg.model, cfg.data
+    h = hashlib.sha256(f"raydpo reference cache v{CACHE_VERSION}\n".encode())
+    _files_digest(h, m.reference or m.policy)
+    _files_digest(h, m.tokenizer or m.policy)
+    settings = {
+        "model": {"dtype": m.dtype, "attn": m.attn_implementation, "reference": m.reference or m.policy},
+        "data": d.model_dump(mode="json", exclude={"tokenize_workers", "quarantine_path"}),
+        "eval_split_seed": cfg.train.seed if d.eval_fraction and not d.eval_source else None,
+        "sources": [dataset_digest(s) for s in (d.source, d.eval_source) if s],
+    }
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    return h.hexdigest()[:20]
+
+
+def cache_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.train.output_dir) / ".reference-cache" / cache_key(cfg)
+
+
+class ScoreReference:
+    """Ray Data actor: loads the reference once, adds `ref_chosen` / `ref_rejected` to each batch."""
+
+    def __init__(self, run_config: dict, threads: int):
+        cfg = RunConfig.model_validate(run_config)
+        torch.set_num_threads(max(1, threads))
+        model_cfg = cfg.model.model_copy(update={"lora": None})  # a LoRA run's reference is its base
+        self.model = load_reference(model_cfg)
+        self.pad_id = pad_token_id(load_tokenizer(cfg.model))
+        self.calls = 0
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pairs = [TokenizedPair(list(p), list(c), list(r)) for p, c, r in
+                 zip(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"])]  # fmt: skip
+        with torch.no_grad():
+            logps = pair_logps(self.model, collate(pairs, self.pad_id)).sum.double().numpy()  # (2B,)
+        n = len(pairs)
+        return {**batch, "ref_chosen": logps[:n], "ref_rejected": logps[n:]}
+
+
+def attach(cfg: RunConfig, datasets: dict, log, workers: int = 1) -> tuple[dict, str]:
+    """`datasets` ({"train": Dataset, "eval": Dataset?}) with the reference columns, read from the
+    cache (computed first if missing). Returns them and "computed <key>" or "reused <key>"."""
+    root = cache_dir(cfg)
+    key = root.name
+    outcome = "reused"
+    if not (root / "done.json").is_file():
+        outcome = "computed"
+        tmp = root.with_name(f"{key}.tmp-{time.time_ns()}")
+        t0 = time.monotonic()
+        threads = max(1, int(ray.available_resources().get("CPU", 1)) // max(1, workers))
+        rows = 0
+        ctx = ray.data.DataContext.get_current()
+        ordered, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
+        for split, ds in datasets.items():
+            scored = ds.map_batches(
+                ScoreReference, fn_constructor_kwargs={"run_config": cfg.model_dump(mode="json"),
+                                                       "threads": threads},
+                compute=ray.data.ActorPoolStrategy(size=workers), batch_size=16, batch_format="numpy",
+                num_cpus=threads,
+            )  # fmt: skip
+            scored.write_parquet(str(tmp / split))
+            rows += ds.count()
+        ctx.execution_options.preserve_order = ordered
+        (tmp / "done.json").write_text(json.dumps({"key": key, "rows": rows, "splits": sorted(datasets),
+                                                   "seconds": round(time.monotonic() - t0, 2)}))  # fmt: skip
+        if root.exists():  # a half-written cache of an earlier attempt (no done.json)
+            shutil.rmtree(root)
+        tmp.rename(root)
+        took = time.monotonic() - t0
+        log(f"reference log-probs: computed for {rows} rows in {took:.1f} s, cached in {root}")
+    else:
+        log(f"reference log-probs: reused from {root}")
+    out = {split: _read(root / split) for split in datasets}
+    return out, f"{outcome} {key}"
+
+
+def _read(folder: Path):
+    """The cached rows in the order they were written (file names sort by write task and block)."""
+    files = sorted(str(f) for f in folder.glob("*.parquet"))
+    ctx = ray.data.DataContext.get_current()
+    ordered, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
+    try:
+        return ray.data.read_parquet(files).materialize()
+    finally:
+        ctx.execution_options.preserve_order = ordered
