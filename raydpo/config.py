@@ -180,7 +180,7 @@ class TrackingConfig(_Strict):
     system_metrics_s: float | None = Field(10.0, ge=0)  # rank 0 samples CPU/memory every N s; None/0 = off
 
 
-METHODS = ("dpo", "sft", "preferred_ft", "reward_model", "ppo", "ppo_gt")
+METHODS = ("dpo", "sft", "preferred_ft", "reward_model", "ppo", "ppo_gt", "unlikelihood")
 
 
 class PPOConfig(_Strict):
@@ -202,9 +202,13 @@ class PPOConfig(_Strict):
     whiten_advantages: bool = True  # normalize advantages per rollout batch
 
 
+class UnlikelihoodConfig(_Strict):
+    alpha: float = Field(1.0, ge=0)  # weight α of the −log(1 − π) term on the rejected tokens
+
+
 class RunConfig(_Strict):
     run_name: str = "dpo"  # names the output folder and the MLflow run
-    method: Literal[METHODS] = "dpo"  # dpo | sft | preferred_ft | reward_model | ppo | ppo_gt
+    method: Literal[METHODS] = "dpo"  # dpo | sft | preferred_ft | reward_model | ppo | ppo_gt | unlikelihood
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     loss: LossConfig = LossConfig()
@@ -213,6 +217,7 @@ class RunConfig(_Strict):
     scaling: ScalingConfig = ScalingConfig()
     tracking: TrackingConfig = TrackingConfig()
     ppo: PPOConfig = PPOConfig()  # method=ppo / ppo_gt only
+    unlikelihood: UnlikelihoodConfig = UnlikelihoodConfig()  # method=unlikelihood only
 
     @model_validator(mode="after")
     def _method_needs(self) -> RunConfig:
