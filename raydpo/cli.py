@@ -75,6 +75,24 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_cluster(args) -> int:
+    from raydpo import cluster
+
+    if args.cluster_command == "up":
+        cluster.up(args.dir, workers=args.workers, cpus=args.cpus, artifacts=args.artifacts,
+                   mlflow=not args.no_mlflow)  # fmt: skip
+    elif args.cluster_command == "status":
+        state = cluster.status(args.dir)
+        print(cluster.describe(state))
+        for name, alive in state["alive"].items():
+            print(f"  {name}: {'running' if alive else 'NOT RUNNING'}")
+        print(f"  Ray nodes alive: {state['ray_nodes_alive']} of {len(state['nodes'])}")
+        return 0 if all(state["alive"].values()) and state["ray_nodes_alive"] == len(state["nodes"]) else 1
+    else:
+        cluster.down(args.dir)
+    return 0
+
+
 def _cmd_data_validate(args) -> int:
     from raydpo.config import build_config
     from raydpo.data.validate import chat_renderer, validate_source
@@ -164,6 +182,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a raydpo training setting for raydpo's runs, e.g. train.prefix_sharing=true "
                         "(repeatable; recorded in the JSON)")  # fmt: skip
     b.set_defaults(func=_cmd_bench)
+
+    c = sub.add_parser("cluster", help="a local multi-node Ray cluster with token auth and an MLflow server")
+    csub = c.add_subparsers(dest="cluster_command", required=True)
+    for verb, text in (("up", "start a Ray head, worker nodes and an MLflow server on 127.0.0.1"),
+                       ("status", "addresses, processes and Ray nodes alive (exit 1 when one is down)"),
+                       ("down", "stop exactly the processes `up` started")):  # fmt: skip
+        cv = csub.add_parser(verb, help=text)
+        cv.add_argument("--dir", help="the cluster's state folder (default $RAYDPO_HOME/cluster)")
+        if verb == "up":
+            cv.add_argument("--workers", type=int, default=1, help="Ray nodes besides the head (default 1)")
+            cv.add_argument("--cpus", type=float, default=2, help="logical CPUs per node (default 2)")
+            cv.add_argument("--artifacts", help="MLflow artifact store: a folder or s3://bucket/prefix "
+                            "(default <dir>/mlartifacts)")  # fmt: skip
+            cv.add_argument("--no-mlflow", action="store_true", help="no MLflow server")
+    c.set_defaults(func=_cmd_cluster)
 
     d = sub.add_parser("data", help="inspect preference data")
     dsub = d.add_subparsers(dest="data_command", required=True)

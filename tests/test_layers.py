@@ -16,7 +16,7 @@ LAYERS = [
     ("data, models, tracking", ["raydpo.data", "raydpo.models", "raydpo.tracking"]),
     ("engine", ["raydpo.engine"]),
     ("methods", ["raydpo.methods"]),
-    ("applications", ["raydpo.sweep", "raydpo.evaluate", "raydpo.tasks"]),
+    ("applications", ["raydpo.sweep", "raydpo.evaluate", "raydpo.tasks", "raydpo.cluster"]),
     ("entry points", ["raydpo.demo", "raydpo.cli", "raydpo.__main__"]),
 ]
 DEFERRED_OK = {"raydpo.cli"}  # each verb imports its module when it runs (`raydpo --help` stays fast)
