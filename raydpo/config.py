@@ -149,6 +149,17 @@ class TrainConfig(_Strict):
     precompute_reference: bool = False  # score the data with the reference once, before training, cached
     #   under <output_dir>/.reference-cache (engine/reference.py); workers then hold only the policy
     output_dir: str = "runs"  # run outputs go to <output_dir>/<run_name>
+    storage_path: str | None = None  # checkpoints and the final model go to <storage_path>/<run_name>: a URI
+    #   every node reaches (s3://bucket/prefix; credentials and AWS_ENDPOINT_URL from the environment) or a
+    #   shared folder; a run started again anywhere resumes from there. None = output_dir. The run's own
+    #   records (config.yaml, metric spool, quarantine, a copy of the final model) stay in output_dir
+
+    @field_validator("output_dir")
+    @classmethod
+    def _local_output_dir(cls, v: str) -> str:
+        if "://" in v:
+            raise ValueError(f"a folder, not a URI: put {v} in train.storage_path")
+        return v
 
     @model_validator(mode="after")
     def _batch_splits(self) -> TrainConfig:
@@ -233,6 +244,14 @@ class RunConfig(_Strict):
     @property
     def run_dir(self) -> Path:
         return Path(self.train.output_dir) / self.run_name
+
+    @property
+    def run_location(self) -> str:
+        """Where the run's checkpoints live: <train.storage_path>/<run_name>, else the run directory.
+        It names the run in MLflow, so the run started again from any machine finds its MLflow run."""
+        if self.train.storage_path:
+            return f"{self.train.storage_path.rstrip('/')}/{self.run_name}"
+        return str(self.run_dir.resolve())
 
 
 # ----------------------------------------------------------------------------- loading

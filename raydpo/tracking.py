@@ -167,7 +167,7 @@ def run_tags(cfg: RunConfig, kind: str, sections: tuple[str, ...] = ()) -> dict[
     tags = {
         KIND_TAG: kind,
         "method": cfg.method,
-        RUN_DIR_TAG: str(cfg.run_dir.resolve()),
+        RUN_DIR_TAG: cfg.run_location,
         "raydpo.version": __version__,
         "ray.version": ray.__version__,
         "num_workers": str(cfg.scaling.num_workers),
@@ -178,14 +178,19 @@ def run_tags(cfg: RunConfig, kind: str, sections: tuple[str, ...] = ()) -> dict[
     return tags
 
 
+def run_key(where: str | Path) -> str:
+    """The RUN_DIR_TAG value of a run: a storage URI as it is (`RunConfig.run_location`), else absolute."""
+    return str(where) if "://" in str(where) else str(Path(where).resolve())
+
+
 def find_or_create_run(
-    tracking: TrackingConfig, run_dir: Path, run_name: str, tags: dict[str, str], params: dict[str, Any]
+    tracking: TrackingConfig, run_dir: str | Path, run_name: str, tags: dict[str, str], params: dict[str, Any]
 ) -> str:
-    """The MLflow run tagged with this run directory: the existing one (set RUNNING again), else a new
-    run with these tags and params. One directory, one run: restarts never duplicate runs."""
+    """The MLflow run tagged with this run directory (or storage location): the existing one (set RUNNING
+    again), else a new run with these tags and params. One directory, one run: restarts never duplicate."""
     client = _client(tracking_uri(tracking))
     exp_id = experiment_id(client, tracking.experiment)
-    key = str(Path(run_dir).resolve())
+    key = run_key(run_dir)
     found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_DIR_TAG}` = '{key}'", max_results=1)
     if found:
         client.update_run(found[0].info.run_id, status="RUNNING")
@@ -204,7 +209,7 @@ def run_id_for(tracking: TrackingConfig, run_dir: Path) -> str | None:
     exp = client.get_experiment_by_name(tracking.experiment)
     if exp is None:
         return None
-    key = str(Path(run_dir).resolve())
+    key = run_key(run_dir)
     found = client.search_runs(
         [exp.experiment_id], filter_string=f"tags.`{RUN_DIR_TAG}` = '{key}'", max_results=1
     )
@@ -224,7 +229,7 @@ def start_or_resume_run(
         tags["mlflow.parentRunId"] = parent_run_id
     full = config_to_dict(cfg)
     params = flatten({k: full[k] for k in COMMON_SECTIONS + tuple(method.params)})
-    return find_or_create_run(cfg.tracking, cfg.run_dir, run_name or cfg.run_name, tags, params)
+    return find_or_create_run(cfg.tracking, cfg.run_location, run_name or cfg.run_name, tags, params)
 
 
 def _param(v: Any) -> str:
@@ -305,13 +310,14 @@ class RunLogger:
                      source=json.dumps({"uri": where}), profile=json.dumps(profile))  # fmt: skip
         self.client.log_inputs(self.run_id, [DatasetInput(ds, [InputTag("mlflow.data.context", context)])])
 
-    def log_model(self, final_dir: Path, mode: str) -> None:
-        """The final model: "reference" tags its absolute location (file URI) and logs its config.json;
-        "artifacts" copies the whole directory into the run's artifacts under model/ (registrable from
-        `runs:/<run id>/model`); "none" does neither."""
+    def log_model(self, final_dir: Path, mode: str, stored: str | None = None) -> None:
+        """The final model: "reference" tags its absolute location (file URI, or `stored`: its copy on the
+        run's storage, such as s3://...) and logs its config.json; "artifacts" copies the whole directory
+        into the run's artifacts under model/ (registrable from `runs:/<run id>/model`); "none": neither."""
         if not self.client or mode == "none":
             return
-        self.set_tags({"raydpo.final_model": str(final_dir), "raydpo.final_model_uri": final_dir.as_uri()})
+        self.set_tags({"raydpo.final_model": str(final_dir),
+                       "raydpo.final_model_uri": stored or final_dir.as_uri()})  # fmt: skip
         if mode == "artifacts":
             self.client.log_artifacts(self.run_id, str(final_dir), "model")
         else:

@@ -31,6 +31,7 @@ from raydpo.engine.progress import Progress
 from raydpo.engine.reference import COLUMNS as REF_COLUMNS
 from raydpo.engine.reference import attach as attach_reference
 from raydpo.engine.session import start_ray
+from raydpo.engine.storage import check_storage, is_uri, join, upload_dir
 from raydpo.engine.worker import train_loop_per_worker
 from raydpo.errors import UserError
 from raydpo.models.loading import load_tokenizer, resolve_model_path
@@ -85,13 +86,15 @@ def resolve_paths(cfg: RunConfig, log=print) -> RunConfig:
         log(f"running under `ray job submit --working-dir`: relative outputs go to {root}, not into Ray's "
             "temporary copy of the working directory (set RAYDPO_HOME, train.output_dir or "
             "tracking.tracking_uri to choose)")  # fmt: skip
-    m, d = cfg.model, cfg.data
+    m, d, t = cfg.model, cfg.data, cfg.train
     return cfg.model_copy(update={
         "model": m.model_copy(update={"policy": inp(m.policy), "reference": inp(m.reference),
                                       "tokenizer": inp(m.tokenizer)}),
         "data": d.model_copy(update={"source": inp(d.source), "eval_source": inp(d.eval_source),
                                      "quarantine_path": out(d.quarantine_path)}),
-        "train": cfg.train.model_copy(update={"output_dir": out(cfg.train.output_dir)}),
+        "train": t.model_copy(update={"output_dir": out(t.output_dir),
+                                      "storage_path": t.storage_path if is_uri(t.storage_path)
+                                      else out(t.storage_path)}),
         "tracking": cfg.tracking.model_copy(update={"tracking_uri": absolute_uri(uri)}),
         "ppo": cfg.ppo.model_copy(update={"reward_model": inp(cfg.ppo.reward_model)}),
     })  # fmt: skip
@@ -146,6 +149,8 @@ def preflight(cfg: RunConfig, check_data: bool = True):
         data_preflight(cfg, tokenizer, source)
     if cfg.tracking.enabled:
         check_reachable(tracking_uri(cfg.tracking))
+    if cfg.train.storage_path:
+        check_storage(cfg.train.storage_path)
     return tokenizer
 
 
@@ -273,18 +278,21 @@ def run(
         drain_spool(uri, run_id, cfg.run_dir / "mlflow-spool.jsonl")
         tolerant(log, driver_log.finish, "FAILED")
         raise
-    final = export_final(Path(result.checkpoint.path), tokenizer, cfg.run_dir / "final")
+    with result.checkpoint.as_directory() as ckpt:  # a checkpoint on remote storage is downloaded here
+        final = export_final(Path(ckpt), tokenizer, cfg.run_dir / "final")
+    stored = upload_dir(final, join(cfg.run_location, "final")) if cfg.train.storage_path else None
     summary = describe(cfg, method, n_rows, steps, progress.history)
     drain_spool(uri, run_id, cfg.run_dir / "mlflow-spool.jsonl")
-    tolerant(log, driver_log.log_model, final, cfg.tracking.log_model)
+    tolerant(log, driver_log.log_model, final, cfg.tracking.log_model, stored)
     tolerant(log, driver_log.set_description, summary)
     tolerant(log, driver_log.finish)
     log(summary)
-    log(f"final model: {final}")
+    log(f"final model: {final}" + (f" and {stored}" if stored else ""))
     if run_id:
         tolerant(log, lambda: log(ui_hint(uri, cfg.tracking.experiment)))
     last = next((h for h in reversed(progress.history) if "loss" in h), {})
-    record = {"final_model": str(final), "mlflow_run_id": run_id, "total_steps": steps, "last_metrics": last}
+    record = {"final_model": str(final), "mlflow_run_id": run_id, "total_steps": steps, "last_metrics": last,
+              "final_model_uri": stored}  # fmt: skip
     tmp = done.with_suffix(".tmp")
     tmp.write_text(json.dumps(record))
     os.replace(tmp, done)  # last: a run without it did not complete
@@ -340,7 +348,7 @@ def ray_train_configs(cfg: RunConfig, callbacks=None):
         resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker},
     )  # fmt: skip
     run_config = ray.train.RunConfig(
-        name=cfg.run_name, storage_path=str(Path(cfg.train.output_dir).resolve()),
+        name=cfg.run_name, storage_path=cfg.train.storage_path or str(Path(cfg.train.output_dir).resolve()),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
         failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures), callbacks=callbacks,
     )  # fmt: skip

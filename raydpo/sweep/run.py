@@ -229,8 +229,10 @@ def trial_main(
     trial = TrialScaling.model_validate(sweep["trial"])
     cfg = build_config(with_params(base, params, trial), f"sweep {sweep['name']}")
     trial_id = tune.get_context().get_trial_id()
+    store = cfg.train.storage_path  # remote storage: each trial's checkpoints under <storage>/<sweep>/trials
+    trials = f"{store.rstrip('/')}/{sweep['name']}/trials" if store else None
     cfg = cfg.model_copy(update={"run_name": trial_id, "train": cfg.train.model_copy(
-        update={"output_dir": str(Path(root) / "trials")})})  # fmt: skip
+        update={"output_dir": str(Path(root) / "trials"), "storage_path": trials})})  # fmt: skip
     tags = {
         "raydpo.sweep": sweep["name"],
         "raydpo.trial_id": trial_id,
