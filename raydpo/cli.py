@@ -19,9 +19,9 @@ def _cmd_train(args) -> int:
     from raydpo.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # config errors show before torch, Ray load
-    from raydpo.methods import train
+    from raydpo.evaluate.checkpoints import train_and_evaluate  # methods.train, then eval.every_steps
 
-    train(cfg, resume=args.resume)
+    train_and_evaluate(cfg, resume=args.resume)
     return 0
 
 

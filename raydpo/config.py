@@ -217,6 +217,15 @@ class UnlikelihoodConfig(_Strict):
     alpha: float = Field(1.0, ge=0)  # weight α of the −log(1 − π) term on the rejected tokens
 
 
+class CheckpointEvalConfig(_Strict):
+    every_steps: int | None = Field(None, gt=0)  # sample and judge the run's checkpoints every N steps (and
+    #   the last) after training: KL, reward and win rates logged as checkpoint/* at each step; None = off.
+    #   Needs train.checkpoint_every dividing N (unset: N); every checkpoint is then kept (train.num_to_keep
+    #   does not apply)
+    config: str | None = None  # an eval file (`raydpo eval` format): its prompts, reference, judge, reward,
+    #   seed, n, max_new_tokens, first temperature, and its baselines as the opponents of the win rates
+
+
 class RunConfig(_Strict):
     run_name: str = "dpo"  # names the output folder and the MLflow run
     method: Literal[METHODS] = "dpo"  # dpo | sft | preferred_ft | reward_model | ppo | ppo_gt | unlikelihood
@@ -229,11 +238,26 @@ class RunConfig(_Strict):
     tracking: TrackingConfig = TrackingConfig()
     ppo: PPOConfig = PPOConfig()  # method=ppo / ppo_gt only
     unlikelihood: UnlikelihoodConfig = UnlikelihoodConfig()  # method=unlikelihood only
+    eval: CheckpointEvalConfig = CheckpointEvalConfig()  # evaluation of checkpoints along training
 
     @model_validator(mode="after")
     def _method_needs(self) -> RunConfig:
         if self.method == "ppo" and not self.ppo.reward_model:
             raise ValueError("method=ppo needs ppo.reward_model (a directory written by method=reward_model)")
+        return self
+
+    @model_validator(mode="after")
+    def _checkpoints_to_evaluate(self) -> RunConfig:
+        every, ckpt = self.eval.every_steps, self.train.checkpoint_every
+        if every is None:
+            return self
+        if not self.eval.config:
+            raise ValueError("eval.every_steps needs eval.config (an eval file: prompts, reference, judge)")
+        if ckpt is None:  # checkpoint exactly where the evaluation needs one
+            self.train.checkpoint_every = every
+        elif every % ckpt:
+            raise ValueError(f"eval.every_steps ({every}) must be a multiple of train.checkpoint_every "
+                             f"({ckpt})")  # fmt: skip
         return self
 
     @field_validator("run_name")

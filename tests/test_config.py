@@ -143,7 +143,7 @@ def test_ppo_needs_a_reward_model():
         (
             "qqqqq=1",
             "override qqqqq=1: unknown key 'qqqqq'; allowed at the top level: run_name, method, model, data, "
-            "loss, optim, train, scaling, tracking, ppo, unlikelihood",
+            "loss, optim, train, scaling, tracking, ppo, unlikelihood, eval",
         ),
     ],
 )

@@ -53,3 +53,26 @@ def test_kl_to_another_reference_is_positive_on_average(ray_local, tiny_llama_di
     rows = sample_policy(tiny_llama_dir, PROMPTS * 8, reference=other, n=1, max_new_tokens=8, seed=0)
     kl = kl_from_samples([r["logp_policy"] for r in rows], [r["logp_ref"] for r in rows])
     assert kl.estimate > 0 and kl.low > 0  # KL(π‖π_ref) ≥ 0, clearly so for unrelated models
+
+
+def test_one_pass_for_several_policies_gives_what_each_gets_alone_and_in_process(ray_local, tiny_llama_dir,
+                                                                                  tmp_path):  # fmt: skip
+    """`sample_policies` (one Ray Data pass over every policy's chunks) gives each policy the samples
+    `sample_local` draws in this process, at temperature 1 alone, with chunks of 2 prompts: a sample's
+    seed depends on (seed, chunk, temperature, repeat) only. This is what lets a checkpoint evaluated
+    along training be sampled exactly as `raydpo eval` samples the final model."""
+    from raydpo.evaluate.generate import SampleJob, sample_local, sample_policies
+    from raydpo.models.tiny import save_tiny
+
+    other = str(save_tiny(tmp_path / "other", seed=1))
+    jobs = {"a": SampleJob(str(tiny_llama_dir), 2, 7), "b": SampleJob(other, 1, 7)}
+    both = sample_policies(jobs, PROMPTS, reference=tiny_llama_dir, temperatures=(0.0, 1.0), max_new_tokens=6,
+                           chunk=2)  # fmt: skip
+    alone = sample_local(jobs["a"], PROMPTS, reference=str(tiny_llama_dir), temperatures=(1.0,),
+                         max_new_tokens=6, chunk=2)  # fmt: skip
+    at_1 = [r for r in both["a"] if r["temperature"] == 1.0]
+    assert [r["completion"] for r in alone] == [r["completion"] for r in at_1] and len(alone) == 10
+    assert all(abs(x["logp_policy"] - y["logp_policy"]) < 1e-5 for x, y in zip(alone, at_1))
+    assert len(both["b"]) == 10 and [r["completion"] for r in both["b"]] != [
+        r["completion"] for r in both["a"][:10]
+    ]

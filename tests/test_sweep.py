@@ -38,12 +38,39 @@ def test_valid_sweep_loads_with_overrides(tmp_path):
         ({**GOOD, "metric": "accuracy"}, "metric 'accuracy' is not reported"),
         ({**GOOD, "metric": "eval/loss"}, "needs an eval split"),
         ({**GOOD, "scheduler": {"type": "hyperband"}}, "scheduler.type"),
+        ({**GOOD, "seeds": 0}, "seeds"),
+        ({"search": {"train.seed": {"grid": [0, 1]}}, "seeds": 2}, "train.seed is already in search"),
     ],
 )
 def test_bad_sweep_files_fail_before_any_trial(tmp_path, sweep, needle):
     with pytest.raises(ConfigError) as e:
         load_sweep(write(tmp_path, sweep))
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_seeds_cross_the_space_with_train_seed(tmp_path):
+    """`seeds: 3` on a base with train.seed 5: every point of the space with seeds 5, 6, 7 (12 trials)."""
+    from raydpo.sweep.run import _count_trials
+
+    base = {"model": {"policy": "builtin:tiny-llama"}, "train": {"seed": 5}}
+    sweep, _ = load_sweep(write(tmp_path, {**GOOD, "seeds": 3}, base))
+    assert sweep.search["train.seed"].grid == [5, 6, 7] and _count_trials(sweep) == 12
+
+
+def test_seed_rows_give_each_point_its_mean_and_t_interval_over_seeds():
+    """Two points of the space, three seeds each (one trial failed): (0.6, 0.7, 0.8) → 0.7 ± 4.303 ·
+    0.1 / √3 = 0.7 ± 0.2484; (0.5, 0.5) → 0.5 ± 0 over 2 seeds."""
+    from raydpo.sweep.report import seed_rows
+
+    rows = [
+        {"loss.beta": 0.1, "train.seed": s, "m": v, "status": "OK"} for s, v in enumerate((0.6, 0.7, 0.8))
+    ]
+    rows += [{"loss.beta": 1.0, "train.seed": s, "m": 0.5, "status": "OK"} for s in range(2)]
+    rows += [{"loss.beta": 1.0, "train.seed": 2, "m": 0.0, "status": "ERROR"}]
+    got = {r["loss.beta"]: r for r in seed_rows(rows, ["loss.beta", "train.seed"], "m")}
+    assert got[0.1]["m mean"] == pytest.approx(0.7) and got[0.1]["seeds"] == 3
+    assert got[0.1]["ci_high"] - 0.7 == pytest.approx(4.303 * 0.1 / 3**0.5, abs=1e-6)
+    assert (got[1.0]["m mean"], got[1.0]["ci_low"], got[1.0]["seeds"]) == (0.5, 0.5, 2)
 
 
 def test_unknown_loss_in_search_exits_2_from_cli(tmp_path):

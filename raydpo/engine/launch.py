@@ -343,13 +343,14 @@ def ray_train_configs(cfg: RunConfig, callbacks=None):
     # per health-check poll (2 s by default): with reports every few steps that wait dominated small
     # runs. Ray propagates this variable from the process that builds the trainer to the controller.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_S)
+    keep = None if cfg.eval.every_steps else cfg.train.num_to_keep  # evaluated later: keep every checkpoint
     scaling = ray.train.ScalingConfig(
         num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
         resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker},
     )  # fmt: skip
     run_config = ray.train.RunConfig(
         name=cfg.run_name, storage_path=cfg.train.storage_path or str(Path(cfg.train.output_dir).resolve()),
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep),
         failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures), callbacks=callbacks,
     )  # fmt: skip
     return scaling, run_config

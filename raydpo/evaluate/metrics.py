@@ -127,3 +127,22 @@ def kl_from_samples(policy_logps: Sequence[float], ref_logps: Sequence[float]) -
     pi, ref = _finite_1d(policy_logps, "policy_logps"), _finite_1d(ref_logps, "ref_logps")
     _same_length(pi, ref, ("policy_logps", "ref_logps"))
     return mean_interval(pi - ref)
+
+
+# Two-sided 95% Student t quantiles t_{0.975, df} for df = 1..30; beyond, the normal 1.96.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)  # fmt: skip
+
+
+def across_seeds(values: Sequence[float]) -> Interval:
+    """Mean over seeds with a 95% Student t interval across them (n = seeds; width 0 for one seed)."""
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) == 0:
+        raise ValueError("across_seeds needs at least one value")
+    mean = float(x.mean())
+    if len(x) == 1:
+        return Interval(mean, mean, mean, 1)
+    t = _T975[len(x) - 2] if len(x) - 1 <= len(_T975) else 1.96
+    half = t * float(x.std(ddof=1)) / math.sqrt(len(x))
+    return Interval(mean, mean - half, mean + half, len(x))

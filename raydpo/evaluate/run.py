@@ -16,6 +16,13 @@ An eval config (YAML):
     judge: {kind: reward, name: vader}                 # see evaluate/judges.py
     reward: vader                                      # ground-truth reward for mean reward (optional)
     temperatures: [0.0, 1.0]
+    baseline_temperature: 1.0                          # baselines sampled at 1.0 (default: each temperature)
+    seeds: 3                                           # sample with seeds seed, seed + 1, seed + 2
+
+Every policy is sampled in one Ray Data pass (evaluate/generate.py). With `seeds: N` every policy is
+sampled N times (sampling seeds seed ... seed + N − 1) and every number is the mean over the N seeds
+with a 95% Student t interval across them; with one seed the intervals are over prompts (Wilson for
+win rates, normal for means).
 
 MLflow: one parent run (`raydpo.kind=eval`) holding the results table (also its description), the
 reward–KL frontier plot and the win-rate plot, with metrics, per temperature step, `policies` (count)
@@ -48,9 +55,9 @@ from raydpo.config import TrackingConfig, _describe, _Strict, apply_overrides, r
 from raydpo.data.prompts import read_prompts as read_prompt_column
 from raydpo.engine.session import start_ray
 from raydpo.errors import ConfigError, UserError
-from raydpo.evaluate.generate import sample_policy
+from raydpo.evaluate.generate import SampleJob, sample_policies
 from raydpo.evaluate.judges import make_judge
-from raydpo.evaluate.metrics import Interval, kl_from_samples, mean_interval, win_rate
+from raydpo.evaluate.metrics import Interval, across_seeds, kl_from_samples, mean_interval, win_rate
 from raydpo.evaluate.report import fmt_interval, plot_frontier, plot_winrates, results_table
 from raydpo.models.rewards import get_reward
 from raydpo.models.scoring import score_texts
@@ -81,9 +88,12 @@ class EvalConfig(_Strict):
     judge: dict = {"kind": "reward", "name": "vader"}  # judge spec (evaluate/judges.py)
     reward: str | None = "vader"  # ground-truth reward name for mean reward; None = skip
     temperatures: list[float] = [1.0]  # sampling temperatures (0 = greedy)
+    baseline_temperature: float | None = None  # compare with the baselines' samples at this temperature (one
+    #   of temperatures); None = at the same temperature as the policy's
     n: int = Field(1, gt=0)  # samples per prompt and temperature
     max_new_tokens: int = Field(24, gt=0)  # completion length limit
-    seed: int = 0  # sampling seed
+    seed: int = 0  # sampling seed (the first one)
+    seeds: int = Field(1, gt=0)  # sampling seeds seed ... seed + seeds − 1; results are means across them
     output_dir: str = "runs"  # results go to <output_dir>/<name>
     tracking: TrackingConfig = TrackingConfig()  # MLflow store and experiment
 
@@ -107,6 +117,9 @@ class EvalConfig(_Strict):
         for name in self.series:
             if name not in self.policies:
                 raise ValueError(f"series: {name!r} is not one of the policies ({', '.join(self.policies)})")
+        if self.baseline_temperature is not None and self.baseline_temperature not in self.temperatures:
+            raise ValueError(f"baseline_temperature {self.baseline_temperature:g} is not one of the "
+                             f"temperatures {self.temperatures}")  # fmt: skip
         return self
 
 
@@ -154,21 +167,29 @@ def best_of_n_kl(n: int):
     return Interval(v, v, v, 0)
 
 
-def sample_all(cfg: EvalConfig, prompts: list[str], reference: Path, log) -> dict[str, list[dict]]:
-    """Samples of every policy (Best-of-N: its selections), each over the same prompts and slots."""
-    kw = dict(reference=reference, temperatures=cfg.temperatures, max_new_tokens=cfg.max_new_tokens,
-              seed=cfg.seed)  # fmt: skip
-    rows = {}
-    for i, (name, spec) in enumerate(cfg.policies.items(), 1):
-        log(f"  sampling {name} ({i}/{len(cfg.policies)})")
+def sample_all(cfg: EvalConfig, prompts: list[str], reference: Path, log) -> dict[int, dict[str, list[dict]]]:
+    """Per sampling seed, the samples of every policy (Best-of-N: its selections), each over the same
+    prompts and slots; every policy and seed in one Ray Data pass."""
+    seeds = [cfg.seed + i for i in range(cfg.seeds)]
+    keys, jobs = {}, {}
+    for s in seeds:
+        for name, spec in cfg.policies.items():
+            n = cfg.n * spec.best_of_n if isinstance(spec, BestOfNPolicy) else cfg.n
+            keys[(name, s)] = key = f"{len(keys)}:{name}@{s}"
+            jobs[key] = SampleJob(str(policy_path(spec)), n, s)
+    log(f"  sampling {len(cfg.policies)} policies × {len(seeds)} seed(s) × {len(cfg.temperatures)} "
+        f"temperature(s) in one Ray Data pass")  # fmt: skip
+    drawn = sample_policies(jobs, prompts, reference=reference, temperatures=cfg.temperatures,
+                            max_new_tokens=cfg.max_new_tokens)  # fmt: skip
+    out: dict[int, dict[str, list[dict]]] = {s: {} for s in seeds}
+    for name, spec in cfg.policies.items():
+        score = None
         if isinstance(spec, BestOfNPolicy):
-            policy = resolve_policy(spec.policy)
-            drawn = sample_policy(policy, prompts, n=cfg.n * spec.best_of_n, **kw)
-            score = reward_model_scorer(resolve_policy(spec.reward_model), policy)
-            rows[name] = best_of_n_rows(drawn, spec.best_of_n, score)
-        else:
-            rows[name] = sample_policy(resolve_policy(spec), prompts, n=cfg.n, **kw)
-    return rows
+            score = reward_model_scorer(resolve_policy(spec.reward_model), policy_path(spec))
+        for s in seeds:
+            rows = drawn[keys[(name, s)]]
+            out[s][name] = best_of_n_rows(rows, spec.best_of_n, score) if score else rows
+    return out
 
 
 def policy_path(spec: str | BestOfNPolicy) -> Path:
@@ -191,9 +212,10 @@ def summarize_policy(rows: list[dict], t: float, reward, kl=None) -> dict:
     return out
 
 
-def compare(judge, rows_a: list[dict], rows_b: list[dict], t: float):
-    """Win rate of A over B on the same prompts and sample slots, with the verdicts."""
-    a, b = _by_temperature(rows_a, t), _by_temperature(rows_b, t)
+def compare(judge, rows_a: list[dict], rows_b: list[dict], t: float, t_b: float | None = None):
+    """Win rate of A at temperature t over B at t_b (None: t) on the same prompts and sample slots,
+    with the verdicts."""
+    a, b = _by_temperature(rows_a, t), _by_temperature(rows_b, t if t_b is None else t_b)
     verdicts = judge.compare(
         [r["prompt"] for r in a], [r["completion"] for r in a], [r["completion"] for r in b]
     )
@@ -298,6 +320,38 @@ def summary_note(cfg: EvalConfig, results: dict, table: str, n_prompts: int) -> 
     return "\n".join(lines + ["", "```", table, "```"])
 
 
+def judge_all(cfg: EvalConfig, rows: dict[str, list[dict]], judge, reward) -> tuple[dict, dict]:
+    """(results[policy][temperature] = {metric: Interval}, samples[policy] = up to 50 judged pairs) of
+    one sampling seed: reward, KL, and the win rate against every baseline (at `baseline_temperature`,
+    or at the policy's own)."""
+    results: dict[str, dict[float, dict]] = {n: {} for n in rows}
+    samples: dict[str, list[dict]] = {n: [] for n in rows}
+    for n in rows:
+        spec = cfg.policies[n]
+        kl = best_of_n_kl(spec.best_of_n) if isinstance(spec, BestOfNPolicy) else None
+        for t in cfg.temperatures:
+            results[n][t] = summarize_policy(rows[n], t, reward, kl)
+            t_b = t if cfg.baseline_temperature is None else cfg.baseline_temperature
+            for b in cfg.baselines:
+                if b == n and t_b == t:
+                    continue
+                wr, verdicts, a, bb = compare(judge, rows[n], rows[b], t, t_b)
+                results[n][t][f"winrate/vs_{b}"] = wr
+                if t == cfg.temperatures[0] and not samples[n]:
+                    samples[n] = [{"prompt": x["prompt"], "completion": x["completion"], "baseline": b,
+                                   "baseline_completion": y["completion"], "verdict": v}
+                                  for x, y, v in zip(a, bb, verdicts.outcomes)][:50]  # fmt: skip
+    return results, samples
+
+
+def mean_over_seeds(per_seed: list[dict]) -> dict:
+    """Every metric of every policy and temperature as its mean over seeds, with a 95% Student t
+    interval across them (n = the number of seeds)."""
+    first = per_seed[0]
+    return {n: {t: {k: across_seeds([r[n][t][k].estimate for r in per_seed]) for k in m}
+                for t, m in by_t.items()} for n, by_t in first.items()}  # fmt: skip
+
+
 def run_eval(path: str, overrides: list[str] = (), log=print) -> dict:
     """Validate, check the judge, sample every policy (Ray Data), judge, log, print the table."""
     cfg = load_eval_config(path, overrides)
@@ -315,23 +369,10 @@ def run_eval(path: str, overrides: list[str] = (), log=print) -> dict:
         f"eval {cfg.name}: {len(policies)} policies × {len(prompts)} prompts × "
         f"{len(cfg.temperatures)} temperatures"
     )
-    rows = sample_all(cfg, prompts, reference, log)
-    results: dict[str, dict[float, dict]] = {n: {} for n in policies}
-    samples: dict[str, list[dict]] = {n: [] for n in policies}
-    for n in policies:
-        for t in cfg.temperatures:
-            spec = cfg.policies[n]
-            kl = best_of_n_kl(spec.best_of_n) if isinstance(spec, BestOfNPolicy) else None
-            results[n][t] = summarize_policy(rows[n], t, reward, kl)
-            for b in cfg.baselines:
-                if b == n:
-                    continue
-                wr, verdicts, a, bb = compare(judge, rows[n], rows[b], t)
-                results[n][t][f"winrate/vs_{b}"] = wr
-                if t == cfg.temperatures[0] and not samples[n]:
-                    samples[n] = [{"prompt": x["prompt"], "completion": x["completion"], "baseline": b,
-                                   "baseline_completion": y["completion"], "verdict": v}
-                                  for x, y, v in zip(a, bb, verdicts.outcomes)][:50]  # fmt: skip
+    by_seed = sample_all(cfg, prompts, reference, log)
+    per_seed = [judge_all(cfg, rows, judge, reward) for rows in by_seed.values()]
+    results = per_seed[0][0] if len(per_seed) == 1 else mean_over_seeds([r for r, _ in per_seed])
+    samples = per_seed[0][1]
     out_dir = Path(cfg.output_dir).resolve() / cfg.name
     out_dir.mkdir(parents=True, exist_ok=True)
     table = results_table(results, cfg.baselines)
@@ -343,7 +384,14 @@ def run_eval(path: str, overrides: list[str] = (), log=print) -> dict:
     parent = None
     if cfg.tracking.enabled:
         uri = tracking_uri(cfg.tracking)
-        params = {"prompts": cfg.prompts, "judge": str(cfg.judge), "temperatures": str(cfg.temperatures)}
+        params = {
+            "prompts": cfg.prompts,
+            "judge": str(cfg.judge),
+            "temperatures": str(cfg.temperatures),
+            "seed": cfg.seed,
+            "seeds": cfg.seeds,
+            "baseline_temperature": str(cfg.baseline_temperature),
+        }
         parent = find_or_create_run(cfg.tracking, out_dir, cfg.name, {KIND_TAG: "eval"}, params)
         for n, p in policies.items():
             flat = {t: {k: v for name, iv in m.items() for k, v in _interval_metrics(name, iv).items()}
@@ -357,4 +405,10 @@ def run_eval(path: str, overrides: list[str] = (), log=print) -> dict:
             logger.log_artifact(f)
         logger.finish()
     log(table)
-    return {"results": results, "table": table, "parent_run_id": parent, "out_dir": str(out_dir)}
+    return {
+        "results": results,
+        "table": table,
+        "parent_run_id": parent,
+        "out_dir": str(out_dir),
+        "per_seed": [r for r, _ in per_seed],
+    }

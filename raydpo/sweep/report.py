@@ -1,7 +1,9 @@
 """The end of a sweep: a table of trials sorted by the metric, plots, and the parent MLflow run's summary.
 
 Plots (PNG, logged to the parent run): the metric against β with one line per loss variant, and a
-β × learning-rate heatmap of the metric (when both are swept).
+β × learning-rate heatmap of the metric (when both are swept). With `seeds: N`, `configs.csv` and
+the printed table give per point of the space (the swept values but the seed) the metric's mean over
+its seeds with a 95% Student t interval across them.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import csv
 import math
 from pathlib import Path
 
+from raydpo.evaluate.metrics import across_seeds
 from raydpo.reporting import format_table as _format_table
 from raydpo.reporting import pyplot
 from raydpo.tracking import RunLogger, close_stopped_children, tracking_uri
@@ -101,6 +104,22 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else math.nan
 
 
+def seed_rows(rows: list[dict], keys: list[str], metric: str) -> list[dict]:
+    """Per point of the space (values of `keys` but train.seed), over its finished trials: the
+    metric's mean across seeds, its 95% Student t interval, and the number of seeds."""
+    keys = [k for k in keys if k != "train.seed"]
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        if r["status"] == "OK" and _num(r[metric]) != math.inf:
+            groups.setdefault(tuple(r[k] for k in keys), []).append(r[metric])
+    out = []
+    for values, xs in groups.items():
+        iv = across_seeds(xs)
+        stats = {f"{metric} mean": iv.estimate, "ci_low": iv.low, "ci_high": iv.high, "seeds": iv.n}
+        out.append({**dict(zip(keys, values)), **stats})
+    return out
+
+
 def write_csv(rows: list[dict], path: Path) -> Path:
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["trial"])
@@ -120,6 +139,14 @@ def summarize(sweep, base_cfg, results, parent_run_id, root: Path, log=print) ->
         plot_beta_lr_heatmap(rows, sweep.metric, out / "beta_lr_heatmap.png"),
     ]
     table = format_table(rows)
+    if sweep.seeds:
+        by_config = seed_rows(rows, list(sweep.search), sweep.metric)
+        sign = -1 if sweep.mode == "max" else 1
+        by_config.sort(key=lambda r: sign * r[f"{sweep.metric} mean"])
+        files.append(write_csv(by_config, out / "configs.csv"))
+        table += f"\n\nover {sweep.seeds} seeds (mean, 95% t interval across seeds):\n" + format_table(
+            by_config
+        )
     (out / "trials.txt").write_text(table + "\n")
     failed = [r for r in rows if r["status"] == "ERROR"]
     if parent_run_id:

@@ -14,11 +14,16 @@ A sweep file (YAML):
     scheduler: {type: asha, grace_period: 2, reduction_factor: 2}
     max_concurrent_trials: 2
     trial: {num_workers: 1}          # scaling fields for every trial's Ray Train run
+    seeds: 3                         # every point of the space with train.seed = base seed + 0, 1, 2
 
 Everything is validated before any trial starts: every value of every swept key is applied to the
 base config and checked. One Tune trial = one TorchTrainer run launched from the trial function
 (Ray Train V2); Ray Train's TuneReportCallback forwards its reports, so ASHA can stop a trial.
-Trials that do not sweep `model.*` or `data.*` share one tokenized dataset, made once.
+Trials that do not sweep `model.*` or `data.*` share one tokenized dataset, made once. A base
+config with `eval.every_steps` has every trial's checkpoints evaluated after it trains
+(evaluate/checkpoints.py), in the trial's process; its eval file is checked before Tune starts.
+With `seeds: N` the summary also gives, per point of the space, the metric's mean over the N seeds
+with a 95% Student t interval across them (`summary/configs.csv`).
 """
 
 from __future__ import annotations
@@ -51,13 +56,15 @@ from raydpo.engine.launch import build_datasets, precomputes_reference, prefligh
 from raydpo.engine.reference import attach as attach_reference
 from raydpo.engine.session import start_ray
 from raydpo.errors import ConfigError, UserError
-from raydpo.methods import METHODS, get_method, train
+from raydpo.evaluate.checkpoints import prepare as prepare_checkpoint_eval
+from raydpo.evaluate.checkpoints import train_and_evaluate
+from raydpo.methods import METHODS, get_method
 from raydpo.sweep.report import summarize
 from raydpo.tracking import KIND_TAG, RunLogger, find_or_create_run, tracking_uri, ui_hint
 
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 SWEEP_FIELDS = set(
-    "name base search num_samples metric mode scheduler max_concurrent_trials trial seed".split()
+    "name base search num_samples metric mode scheduler max_concurrent_trials trial seed seeds".split()
 )
 
 
@@ -116,11 +123,18 @@ class SweepConfig(_Strict):
     max_concurrent_trials: int = Field(1, gt=0)  # trials at once
     trial: TrialScaling = TrialScaling()  # scaling for each trial's run
     seed: int = 0  # seeds random search
+    seeds: int | None = Field(None, gt=0)  # N: each point of the space N times, train.seed = base + 0 … N−1
 
     @field_validator("name")
     @classmethod
     def _safe(cls, v: str) -> str:
         return safe_name(v)
+
+    @model_validator(mode="after")
+    def _seeds_or_search(self) -> SweepConfig:
+        if self.seeds and "train.seed" in self.search:
+            raise ValueError("seeds: train.seed is already in search; give one or the other")
+        return self
 
 
 def load_sweep(path: str | os.PathLike, overrides: list[str] = ()) -> tuple[SweepConfig, dict]:
@@ -140,6 +154,9 @@ def load_sweep(path: str | os.PathLike, overrides: list[str] = ()) -> tuple[Swee
     )
     base = apply_overrides(base, base_over)
     base_cfg = build_config(base, f"{path}: base")
+    if sweep.seeds:  # a grid over train.seed, crossed with the rest of the space
+        seeds = [base_cfg.train.seed + i for i in range(sweep.seeds)]
+        sweep = sweep.model_copy(update={"search": {**sweep.search, "train.seed": SearchDim(grid=seeds)}})
     validate_space(sweep, base, str(path))
     validate_metric(sweep, base_cfg, str(path))
     return sweep, base
@@ -238,7 +255,7 @@ def trial_main(
         "raydpo.trial_id": trial_id,
         **{f"sweep.{k}": str(v) for k, v in params.items()},
     }
-    out = train(
+    out = train_and_evaluate(
         cfg,
         log=lambda *_: None,
         prepared=prepared,
@@ -338,6 +355,7 @@ def run_sweep(path: str, overrides: list[str] = (), resume: bool = False, log=pr
             f"sweep {sweep.name} already exists at {root}; pass --resume to continue it, or rename it"
         )
     preflight(base_cfg)
+    prepare_checkpoint_eval(base_cfg)  # a bad eval file fails here, not after the trials trained
     s = base_cfg.scaling
     start_ray(s.num_workers * s.cpus_per_worker + 1)
     check_resources(sweep, base)
