@@ -26,6 +26,7 @@ import psutil
 import ray
 import torch
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from raydpo import __version__
@@ -308,7 +309,15 @@ class RunLogger:
         where = source if kind != "local" else str(Path(source).resolve())
         ds = Dataset(name=Path(source).name or source, digest=digest, source_type=kind,
                      source=json.dumps({"uri": where}), profile=json.dumps(profile))  # fmt: skip
-        self.client.log_inputs(self.run_id, [DatasetInput(ds, [InputTag("mlflow.data.context", context)])])
+        inputs = [DatasetInput(ds, [InputTag("mlflow.data.context", context)])]
+        try:
+            self.client.log_inputs(self.run_id, inputs)
+        except MlflowException:
+            # Two runs of one experiment (sweep trials) adding the same dataset at once race on the store's
+            # experiment-level dataset row (SQLite: "UNIQUE constraint failed"); once that row exists,
+            # a second try only links it to this run.
+            time.sleep(1.0)
+            self.client.log_inputs(self.run_id, inputs)
 
     def log_model(self, final_dir: Path, mode: str, stored: str | None = None) -> None:
         """The final model: "reference" tags its absolute location (file URI, or `stored`: its copy on the
