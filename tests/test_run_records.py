@@ -135,3 +135,51 @@ def test_a_finished_run_run_again_trains_nothing(tmp_path, tiny_llama_dir):
         resolve_scaling(resolve_paths(more)), resume=True
     )  # --resume with another config: not finished any more
     assert not (tmp_path / "runs" / "r" / FINISHED).exists()
+
+
+def test_storage_path_names_the_run_and_stays_a_uri(tmp_path, monkeypatch):
+    """With train.storage_path the run's checkpoints live at <storage_path>/<run_name>, and that location
+    (not the local run directory) names the run in MLflow: started again elsewhere, it finds its run."""
+    from raydpo.tracking import run_key, run_tags
+
+    monkeypatch.chdir(tmp_path)
+    s3 = resolve_paths(
+        build_config({"run_name": "r", "train": {"storage_path": "s3://bucket/runs/"}}), log=None
+    )
+    assert s3.train.storage_path == "s3://bucket/runs/" and s3.run_location == "s3://bucket/runs/r"
+    assert run_tags(s3, "train")["raydpo.run_dir"] == run_key(s3.run_location) == "s3://bucket/runs/r"
+    shared = resolve_paths(build_config({"run_name": "r", "train": {"storage_path": "shared"}}), log=None)
+    assert shared.run_location == str(tmp_path / "shared" / "r")  # a folder is made absolute
+    plain = resolve_paths(build_config({"run_name": "r"}), log=None)
+    assert plain.run_location == str(plain.run_dir) and run_key(plain.run_dir) == str(plain.run_dir)
+    with pytest.raises(Exception, match="a folder, not a URI: put s3://b/x in train.storage_path"):
+        build_config({"train": {"output_dir": "s3://b/x"}})
+
+
+def test_a_dataset_two_runs_log_at_once_is_retried(tmp_path):
+    """Sweep trials of one experiment log the same dataset at once; the store's insert of the shared
+    dataset row can lose that race (UNIQUE constraint, seen with an MLflow server on SQLite). The
+    second try links the row the other run created."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from raydpo.tracking import RunLogger
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("e"))
+    logger = RunLogger(uri, run.info.run_id)
+    real, calls = logger.client.log_inputs, []
+
+    def first_call_loses_the_race(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id")
+        return real(*args, **kwargs)
+
+    logger.client.log_inputs = first_call_loses_the_race
+    logger.log_dataset("builtin:tiny-prefs", "training", {"rows": 64})
+    assert len(calls) == 2
+    assert [d.dataset.name for d in client.get_run(run.info.run_id).inputs.dataset_inputs] == [
+        "builtin:tiny-prefs"
+    ]
