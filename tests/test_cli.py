@@ -117,12 +117,16 @@ def test_conversational_data_needs_chat_template(tmp_path, tiny_llama_dir):
     assert "has no chat template" in r.stderr
 
 
-def test_demo_verb_takes_size_dir_and_seed():
-    from raydpo.cli import _cmd_demo, build_parser
+def test_demo_verb_takes_size_dir_seed_and_seeds(capsys):
+    from raydpo.cli import _cmd_demo, build_parser, main
 
-    args = build_parser().parse_args(["demo", "--size", "tiny", "--dir", "d", "--seed", "3"])
-    assert (args.size, args.dir, args.seed, args.func) == ("tiny", "d", 3, _cmd_demo)
-    assert build_parser().parse_args(["demo"]).size == "full"
+    args = build_parser().parse_args(["demo", "--size", "tiny", "--dir", "d", "--seed", "3", "--seeds", "2"])
+    assert (args.size, args.dir, args.seed, args.seeds, args.func) == ("tiny", "d", 3, 2, _cmd_demo)
+    default = build_parser().parse_args(["demo"])
+    assert (default.size, default.seeds) == ("full", 1)
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--seeds", "0"])
+    assert e.value.code == 2 and "--seeds: expected a whole number ≥ 1, got '0'" in capsys.readouterr().err
 
 
 def test_eval_without_policies_names_the_field(tmp_path, capsys):

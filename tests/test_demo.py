@@ -1,8 +1,10 @@
 """`raydpo demo --size tiny` end to end, and the tiny sentiment task and baselines it builds.
 
 The demo runs once for the module (about 4 minutes on 2 cores): task, reward model, a 3-trial DPO
-sweep, Preferred-FT, PPO, PPO-GT, then the eval of all of them and Best-of-4. The task and baseline
-checks below read that run's outputs instead of training everything a second time.
+sweep, Preferred-FT, unlikelihood, PPO, PPO-GT, each run's checkpoints evaluated along training,
+then the eval of all of them and Best-of-4, and the win rate against temperature. The task, baseline
+and evaluation-along-training checks below read that run's outputs instead of training everything a
+second time. The frontier maths and the seed-level check are in tests/test_frontier.py.
 """
 
 import json
@@ -10,57 +12,44 @@ import math
 
 import pytest
 
-from raydpo.demo import envelope_at, format_results, paper_check
+from raydpo.demo import format_results, paper_check
 from raydpo.evaluate.metrics import Interval
 
 # ----------------------------------------------------------------------------- pure parts
-
-
-def test_envelope_is_the_concave_hull_flat_after_its_best_point():
-    pts = [(0.0, 0.0), (2.0, 1.0), (4.0, 1.2)]
-    assert envelope_at(pts, 1.0) == pytest.approx(0.5)  # mixture of SFT and the KL-2 policy
-    assert envelope_at(pts, 3.0) == pytest.approx(1.1)
-    assert envelope_at(pts, 10.0) == pytest.approx(1.2)  # KL ≤ 10 reaches the best point
-    assert envelope_at([(1.0, 0.3)], 0.5) == -math.inf  # nothing at KL ≤ 0.5
-    # a dominated middle point does not pull the envelope down
-    assert envelope_at([(0.0, 0.0), (1.0, 0.1), (2.0, 1.0)], 1.0) == pytest.approx(0.5)
 
 
 def _iv(x):
     return Interval(x, x - 0.05, x + 0.05, 100)
 
 
-def _row(method, loss, beta, reward, kl, win_sft):
-    return {"policy": f"{method}{loss}{beta}", "method": method, "loss": loss, "beta": beta,
+def _row(method, loss, setting, reward, kl, win_sft):
+    return {"policy": f"{method}{loss}{setting}", "method": method, "loss": loss, "setting": setting,
             "reward": _iv(reward), "kl": _iv(kl), "win_vs_sft": win_sft and _iv(win_sft),
             "win_vs_ppo": None}  # fmt: skip
 
 
-def test_paper_check_compares_at_matched_kl_and_on_win_rates():
-    sft = _row("SFT", None, None, 0.0, 0.0, None)
-    dpo = [_row("DPO", "sigmoid", 1.0, 0.4, 1.0, 0.7), _row("DPO", "sigmoid", 0.1, 0.6, 4.0, 0.8)]
-    ipo = _row("DPO", "ipo", 0.1, 0.9, 0.5, 0.9)  # not sigmoid: not part of the DPO (sigmoid) frontier
-    ppo_below = _row("PPO", None, 0.05, 0.45, 2.0, 0.75)  # envelope at KL 2: 0.4 + 0.2·1/3 = 0.467
-    ok, lines = paper_check([sft, *dpo, ipo, ppo_below])
-    assert ok and "DPO ≥ PPO" in lines[0] and "0.467" in lines[0]
-    ppo_above = _row("PPO", None, 0.05, 0.5, 2.0, 0.75)  # interval [0.45, 0.55] holds 0.467
-    ok, lines = paper_check([sft, *dpo, ipo, ppo_above])
-    assert not ok and "DPO < PPO, within PPO's 95% interval" in lines[0] and "DPO ≥ PPO" in lines[1]
-    ppo_far = _row("PPO", None, 0.05, 0.6, 2.0, 0.75)
-    ok, lines = paper_check([sft, *dpo, ppo_far])
-    assert not ok and "DPO < PPO, outside PPO's 95% interval" in lines[0]
-    ppo_wins = _row("PPO", None, 0.05, 0.1, 2.0, 0.85)  # below the frontier, but a better win rate
-    ok, lines = paper_check([sft, *dpo, ppo_wins])
-    assert not ok and "DPO ≥ PPO" in lines[0] and "DPO < PPO" in lines[1]
-
-
 def test_results_table_has_the_issue_columns():
-    rows = [_row("SFT", None, None, 0.1, 0.0, None), _row("DPO", "sigmoid", 0.1, 0.4, 3.0, 0.7)]
+    rows = [_row("SFT", None, None, 0.1, 0.0, None), _row("DPO", "sigmoid", "β 0.1", 0.4, 3.0, 0.7)]
     table = format_results(rows).splitlines()
-    for col in ("method", "loss", "β", "reward", "KL", "win vs SFT", "win vs PPO"):
+    for col in ("method", "loss", "setting", "reward", "KL", "win vs SFT", "win vs PPO"):
         assert col in table[0]
-    assert "| DPO " in table[3] and "| sigmoid " in table[3] and "0.700 [0.650, 0.750]" in table[3]
-    assert len(table) == 4
+    assert "| DPO " in table[3] and "| sigmoid " in table[3] and "| β 0.1 " in table[3]
+    assert "0.700 [0.650, 0.750]" in table[3] and len(table) == 4
+
+
+def test_demo_paper_check_lines_and_verdict():
+    """Three seeds whose DPO frontier lies above PPO's: reproduced; swapped: not reproduced; one seed:
+    inconclusive, with the advice to run more seeds. The win-rate line has its own verdict."""
+    sft = [(0.0, 0.1)] * 3
+    dpo = [[(2.0, 0.8), (4.0, 0.9)]] * 3
+    ppo = [[(3.0, 0.5), (5.0, 0.6)]] * 3
+    verdict, lines = paper_check(dpo, ppo, sft, [0.1, 0.05, 0.2])
+    assert verdict == "reproduced" and lines[0].endswith("→ reproduced") and "KL [0.00, 4.00]" in lines[0]
+    assert lines[1].startswith("win rate vs SFT") and lines[1].endswith("→ reproduced")
+    verdict, lines = paper_check(ppo, dpo, sft, [-0.1, 0.05, 0.2])  # the other way round
+    assert verdict == "not reproduced" and lines[1].endswith("→ inconclusive")
+    verdict, lines = paper_check(dpo[:1], ppo[:1], sft[:1], [0.1])
+    assert verdict == "inconclusive" and "--seeds 3" in lines[-1]
 
 
 def test_best_of_n_keeps_the_best_scored_sample_per_slot():
@@ -124,10 +113,65 @@ def test_demo_shows_progress_table_plot_and_the_mlflow_command(demo):
         assert f"] {stage}/6 " in text, stage
     assert "| method " in text and "win vs PPO" in text
     assert f"mlflow ui --backend-store-uri sqlite:///{out['root']}/mlflow.db" in text
-    assert "Paper's finding" in text
-    with open(out["frontier"], "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # one seed: the seed-level check cannot decide, and says so
+    assert "Paper's finding: inconclusive" in text and out["verdict"] == "inconclusive"
+    assert "--seeds 3" in text
+    for figure in (out["frontier"], out["winrate_plot"]):
+        with open(figure, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert out["table"] in open(out["results_md"]).read()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_every_run_is_evaluated_at_each_checkpoint_along_training(demo):
+    """One point per evaluated checkpoint (every `eval.every_steps` and the last step), in the run's
+    checkpoint_eval.json and in its MLflow run as the checkpoint/* series at those steps; the last
+    point of a DPO trial is the final model's eval result (same samples: seed 0 + train.seed 0)."""
+    from pathlib import Path
+
+    from raydpo.evaluate.checkpoints import POINTS_FILE, checkpoints_to_evaluate
+
+    out = demo[0]
+    client, runs = _runs(out)
+    by_dir = {r.data.tags["raydpo.run_dir"]: r for r in runs if "raydpo.run_dir" in r.data.tags}
+    trials = sorted((Path(out["root"]) / "runs" / "dpo-sweep" / "trials").iterdir())
+    expected = {d: ([12, 24], 24, 12) for d in trials}  # 192 pairs / batch 16 = 12 steps, 2 epochs
+    expected.update({Path(out["root"]) / "runs" / n: want for n, want in (
+        ("preferred-ft-s0", ([12], 12, 12)), ("unlikelihood-a1-s0", ([12], 12, 12)),
+        ("ppo-kl4-s0", ([3, 6], 6, 3)), ("ppo-gt-s0", ([3, 6], 6, 3)))})  # fmt: skip
+    for run_dir, (steps, total, every) in expected.items():
+        points = json.loads((run_dir / POINTS_FILE).read_text())["points"]
+        on_disk = [step for step, _ in checkpoints_to_evaluate(run_dir, every, total)]
+        assert [p["step"] for p in points] == on_disk == steps, run_dir.name
+        run = by_dir[str(run_dir)]
+        for key in ("checkpoint/kl", "checkpoint/reward/gt_mean", "checkpoint/winrate/vs_sft"):
+            history = client.get_metric_history(run.info.run_id, key)
+            assert [m.step for m in history] == steps, (run_dir.name, key)
+        assert all(
+            p["kl"][1] <= p["kl"][0] <= p["kl"][2] and 0 <= p["winrate/vs_sft"][0] <= 1 for p in points
+        )
+    rows = {r["policy"]: r for r in out["rows"]}
+    sigmoid = next(d for d in trials if by_dir[str(d)].data.tags["sweep.loss.name"] == "sigmoid")
+    last = json.loads((sigmoid / POINTS_FILE).read_text())["points"][-1]
+    assert last["reward/gt_mean"][0] == pytest.approx(rows["dpo-sigmoid-b0.1"]["reward"].estimate, abs=1e-6)
+    assert last["kl"][0] == pytest.approx(rows["dpo-sigmoid-b0.1"]["kl"].estimate, abs=1e-4)
+    # the frontier figure holds every point: SFT + each checkpoint, per method
+    assert len(out["points"]["DPO (sigmoid)"][0]) == 1 + 2 and len(out["points"]["PPO"][0]) == 1 + 2
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_win_rate_against_temperature_for_every_method(demo):
+    """Each method's best policy at every temperature of the grid against SFT at temperature 1, with
+    an interval (one seed: Wilson over prompts)."""
+    curves = demo[0]["curves"]
+    labels = {label.split(" (")[0] for label in curves}
+    assert labels == {"SFT", "Preferred-FT", "Unlikelihood", "Best-of-N", "PPO", "PPO-GT", "DPO"}
+    for label, pts in curves.items():
+        temps = [t for t, _ in pts]
+        assert temps == ([0.0, 0.5] if label == "SFT" else [0.0, 0.5, 1.0]), label  # SFT at 1 is the baseline
+        assert all(0 <= iv.low <= iv.estimate <= iv.high <= 1 for _, iv in pts), label
 
 
 @pytest.mark.ray
@@ -135,7 +179,7 @@ def test_demo_shows_progress_table_plot_and_the_mlflow_command(demo):
 def test_demo_results_cover_every_method_with_intervals(demo):
     out, _ = demo
     rows = {r["policy"]: r for r in out["rows"]}
-    methods = {"SFT", "Preferred-FT", "Best-of-4", "PPO", "PPO-GT", "DPO"}
+    methods = {"SFT", "Preferred-FT", "Unlikelihood", "Best-of-4", "PPO", "PPO-GT", "DPO"}
     assert {r["method"] for r in rows.values()} == methods
     assert {r["loss"] for r in rows.values() if r["method"] == "DPO"} == {"sigmoid", "ipo", "hinge"}
     assert abs(rows["sft"]["kl"].estimate) < 1e-6  # the SFT policy is the reference
@@ -165,15 +209,18 @@ def test_demo_mlflow_holds_sweep_baselines_and_eval(demo):
     assert all(0 <= r.data.metrics["winrate/vs_sft"] <= 1 for r in trials)
     best = max(r.data.metrics["winrate/vs_sft"] for r in trials)
     assert sweep.data.metrics["best/winrate/vs_sft"] == best and sweep.data.tags["raydpo.best_trial"]
-    assert {r.data.tags.get("method") for r in kind("baseline")} >= {"sft", "reward_model", "preferred_ft",
-                                                                      "ppo", "ppo_gt"}  # fmt: skip
+    baselines = {"sft", "reward_model", "preferred_ft", "unlikelihood", "ppo", "ppo_gt"}
+    assert {r.data.tags.get("method") for r in kind("baseline")} >= baselines
     evals = kind("eval")
-    (parent,) = [r for r in evals if "mlflow.parentRunId" not in r.data.tags]
-    children = {r.data.tags["eval.policy"]: r for r in evals if "mlflow.parentRunId" in r.data.tags}
+    parents = {r.info.run_name: r for r in evals if "mlflow.parentRunId" not in r.data.tags}
+    assert set(parents) == {"eval-s0", "eval-temperature-s0"}  # final policies; best ones × temperatures
+    parent = parents["eval-s0"]
+    children = {r.data.tags["eval.policy"]: r for r in evals
+                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}  # fmt: skip
     assert set(children) == {r["policy"] for r in out["rows"]}
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"frontier.png", "winrates.png"}
     assert children["best-of-4"].data.tags["eval.best_of_n"] == "4"
-    assert children["best-of-4"].data.tags["eval.reward_model"].endswith("reward-model/final")
+    assert children["best-of-4"].data.tags["eval.reward_model"].endswith("reward-model-s0/final")
     dpo = children["dpo-sigmoid-b0.1"]
     trial = next(r for r in trials if r.data.tags["sweep.loss.name"] == "sigmoid")
     assert dpo.data.tags["eval.policy_run_id"] == trial.info.run_id  # eval run linked to the run it judged
@@ -181,7 +228,9 @@ def test_demo_mlflow_holds_sweep_baselines_and_eval(demo):
         (m,) = client.get_metric_history(dpo.info.run_id, metric)
         assert 0 <= m.value <= 1
     (demo_run,) = kind("demo")
-    assert {a.path for a in client.list_artifacts(demo_run.info.run_id)} >= {"results.md", "frontier.png"}
+    assert {a.path for a in client.list_artifacts(demo_run.info.run_id)} >= {
+        "results.md", "frontier.png", "winrate_vs_temperature.png", "points.json"}  # fmt: skip
+    assert demo_run.data.tags["raydpo.paper_check"] == "inconclusive"
 
 
 @pytest.mark.ray
@@ -227,6 +276,10 @@ def test_ppo_against_the_reward_model_logs_its_metrics(demo):
     for k in ("reward/rm_mean", "reward/gt_mean", "kl", "loss/policy", "loss/value", "grad_norm"):
         steps = [m.step for m in client.get_metric_history(ppo.info.run_id, k)]
         assert steps == [2, 4, 6], k  # the engine's logging: every train.log_every (2) steps, once
+    # the adaptive KL controller (ppo.kl_target) moves the coefficient from its initial value
+    assert ppo.data.params["ppo.kl_target"] == "4.0"
+    coefs = [m.value for m in client.get_metric_history(ppo.info.run_id, "kl_coef")]
+    assert len(set(coefs)) == len(coefs) == 3, coefs
     assert {a.path for a in client.list_artifacts(ppo.info.run_id)} >= {"config.yaml"}
 
 
@@ -242,11 +295,14 @@ def test_preferred_ft_run_is_tracked(demo):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_best_of_n_baseline_run(demo):
-    """Best-of-4 is evaluated like a policy: its eval run has a reward and the analytic KL."""
+    """Best-of-4 is evaluated like a policy: its eval run has a reward and the analytic KL (in the eval
+    of the final policies; the win rate against temperature evaluates it again, in eval-temperature-s0)."""
     import math
 
     client, runs = _runs(demo[0])
-    (bon,) = [r for r in runs if r.data.tags.get("eval.best_of_n") == "4"]
+    bons = {r.info.run_name: r for r in runs if r.data.tags.get("eval.best_of_n") == "4"}
+    assert set(bons) == {"eval-s0/best-of-4", "eval-temperature-s0/best-of-4"}
+    bon = bons["eval-s0/best-of-4"]
     assert "reward/gt_mean" in bon.data.metrics and 0 <= bon.data.metrics["winrate/vs_sft"] <= 1
     assert bon.data.metrics["kl"] == pytest.approx(math.log(4) - 3 / 4)
 
