@@ -123,18 +123,23 @@ def _ours(state: dict) -> list[psutil.Process]:
     return list(found.values())
 
 
-def _stop(procs: list[psutil.Process], grace: float = 15.0) -> int:
-    """SIGTERM to each, SIGKILL to whatever is left after `grace` seconds; returns how many there were."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for p in procs:
+def _stop(procs: list[psutil.Process], leaders: set[int], grace: float = 5.0) -> int:
+    """SIGTERM to the leaders (`ray start --block` stops its node's processes in order; the MLflow
+    server), then SIGKILL to whatever of `procs` is left after `grace` seconds (an MLflow server and some
+    Ray workers outlast SIGTERM for many seconds); returns how many survived even that."""
+    for p in procs:
+        if p.pid in leaders:
             try:
-                p.send_signal(sig)
+                p.send_signal(signal.SIGTERM)
             except psutil.NoSuchProcess:
                 pass
-        _, procs = psutil.wait_procs(procs, timeout=grace if sig == signal.SIGTERM else 30)
-        if not procs:
-            break
-    return len(procs)
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return len(psutil.wait_procs(alive, timeout=30)[1])
 
 
 # ----------------------------------------------------------------------------- waiting
@@ -144,6 +149,11 @@ def _get(url: str, token: str | None = None, timeout: float = 5.0) -> bytes:
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return r.read()
+
+
+def _accepts(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=2):
+        return True
 
 
 def api(state: dict, path: str):
@@ -263,9 +273,10 @@ def up(root: Path | None = None, workers: int = 1, cpus: float = 2, artifacts: s
                               "--serve-artifacts",
                               "--artifacts-destination", state["artifacts"]])  # fmt: skip
         launch("head", _ray_node(0, state, cpus))
-        _wait("the Ray head", lambda: _get(f"{state['dashboard']}/api/version", secret), started, timeout)
-        for i in range(1, workers + 1):
+        _wait("the head's GCS", lambda: _accepts(ports["gcs"]), started, timeout)
+        for i in range(1, workers + 1):  # they start while the head's dashboard and agents do
             launch(nodes[i], _ray_node(i, state, cpus))
+        _wait("the Ray head", lambda: _get(f"{state['dashboard']}/api/version", secret), started, timeout)
         all_nodes = lambda: _alive_nodes(state) == len(nodes)  # noqa: E731
         _wait(f"{len(nodes)} Ray node(s)", all_nodes, started, timeout)
         head_agent = f"http://127.0.0.1:{ports['head']['agent']}/api/healthz"  # the head's job agent
@@ -302,13 +313,17 @@ def down(root: Path | None = None, log=print) -> int:
     and the MLflow store stay."""
     root = Path(root or default_dir()).resolve()
     state = read_state(root)
-    procs = _ours(state)
-    left = _stop(procs)
-    if left:
-        raise UserError(f"{left} process(es) of the cluster in {root} survived SIGKILL")
+    stopped = 0
+    for _ in range(3):  # again for any process a dying node started while it was being stopped
+        procs = _ours(state)
+        if not procs:
+            break
+        stopped += len(procs)
+        if left := _stop(procs, {rec["pid"] for rec in state["processes"]}):
+            raise UserError(f"{left} process(es) of the cluster in {root} survived SIGKILL")
     _forget(root, state)
-    log(f"cluster in {root} stopped ({len(procs)} processes); logs, token and MLflow store kept there")
-    return len(procs)
+    log(f"cluster in {root} stopped ({stopped} processes); logs, token and MLflow store kept there")
+    return stopped
 
 
 def describe(state: dict) -> str:
@@ -319,7 +334,7 @@ def describe(state: dict) -> str:
         f"Ray cluster up: {len(state['nodes'])} node(s) ({nodes}), {state['cpus_per_node']:g} CPUs and "
         f"1 {SLOT} each",
         f"  dashboard and jobs: {state['dashboard']} (token authentication; token in {state['token']})",
-        f"  Ray address for drivers: {state['gcs']}",
+        f"  Ray address for drivers here: {state['gcs']} (with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0)",
     ]
     if state.get("mlflow"):
         store = f"{state['root']}/mlflow.db"
