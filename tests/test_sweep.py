@@ -124,8 +124,12 @@ def test_six_trial_sweep_nests_runs_in_mlflow(ray_local, tmp_path, tiny_llama_di
     space = {"loss.name": {"grid": ["sigmoid", "ipo", "hinge"]}, "loss.beta": {"grid": [0.1, 0.5]}}
     sweep = {"search": space, "metric": "eval/rewards/margins", "mode": "max", "max_concurrent_trials": 2}
     lines: list[str] = []
-    out = run_sweep(str(write(tmp_path, sweep, _base(tmp_path, tiny_llama_dir))), log=lines.append)
+    base = _base(tmp_path, tiny_llama_dir)
+    base["train"]["precompute_reference"] = True  # one reference pass for the six trials
+    out = run_sweep(str(write(tmp_path, sweep, base)), log=lines.append)
     assert out["failed"] == 0 and len(out["rows"]) == 6
+    assert len([x for x in lines if x.startswith("reference log-probs: computed")]) == 1
+    assert not [x for x in lines if x.startswith("reference log-probs: reused")]  # the trials had it
     finished = [x for x in lines if " finished: " in x]  # one progress line per trial as it ends
     assert len(finished) == 6 and finished[-1].startswith("trial 6/6 finished: ")
     assert all("loss.name=" in x and "loss.beta=" in x and "eval/rewards/margins" in x for x in finished)
