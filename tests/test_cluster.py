@@ -229,6 +229,7 @@ def test_two_node_job_checkpoints_on_s3_and_tracks_to_the_server(local_cluster, 
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     tags = runs[0].data.tags
     assert tags["raydpo.run_dir"] == f"s3://{BUCKET}/runs/{RUN}" and tags["num_workers"] == "2"
+    assert tags["raydpo.final_model_uri"] == f"s3://{BUCKET}/runs/{RUN}/final"
     assert [s for s, _ in losses(client, runs[0].info.run_id)] == [1, 2, 3, 4]
 
     stored = keys(s3, f"runs/{RUN}/")
