@@ -44,8 +44,8 @@ from raydpo.tasks.prepare import prepare
 from raydpo.tracking import KIND_TAG, RunLogger, find_or_create_run, run_id_for, tracking_uri
 
 # Per size: the task size, the grids, the baselines' budgets, the eval's samples, the checkpoint
-# evaluation interval (pair methods, PPO) and the temperatures of the win-rate figure. PPO's target KLs
-# are the paper's {3, 6, 9, 12} × 16/24 (README, "The demo"): the first one is the "PPO" column.
+# evaluation interval (pair methods, PPO), the temperatures of the win-rate figure and its samples.
+# PPO's target KLs are the paper's {3, 6, 9, 12} × 16/24 (README, "The demo"): the first is "PPO".
 SIZES = {
     "tiny": {
         "task": "tiny",
@@ -61,6 +61,7 @@ SIZES = {
         "eval_samples": 1,
         "every_steps": {"pairs": 12, "prompts": 3},
         "temperatures": [0.0, 0.5, 1.0],
+        "temperature_samples": 1,
     },
     "full": {
         "task": "full",
@@ -76,6 +77,7 @@ SIZES = {
         "eval_samples": 2,
         "every_steps": {"pairs": 48, "prompts": 10},
         "temperatures": [0.0, 0.25, 0.5, 0.75, 1.0],
+        "temperature_samples": 1,  # per prompt and temperature in the win-rate-against-temperature eval
     },
 }  # fmt: skip
 STAGES = 6
@@ -467,7 +469,7 @@ def temperature_curves(spec: dict, root: Path, manifest: dict, rows: list[dict],
     for s, paths in policies.items():
         chosen_paths, name = {n: paths[n] for n in chosen}, f"eval-temperature-s{s}"
         path = write_eval(root, name, manifest, chosen_paths, {}, tracking, baselines=["sft"],
-                          temperatures=spec["temperatures"], n=spec["eval_samples"], seed=s,
+                          temperatures=spec["temperatures"], n=spec["temperature_samples"], seed=s,
                           baseline_temperature=1.0)  # fmt: skip
         clock(
             f"win rate against temperature, seed {s}: {len(chosen)} policies × {spec['temperatures']} ...", 5
