@@ -94,6 +94,7 @@ def test_image_is_the_official_ray_image_of_the_pinned_ray():
         src for word, rest in ins if word == "COPY" for src in rest.split()[:-1] if not src.startswith("--")
     }
     assert {"raydpo", "sweeps", "configs", "pyproject.toml"} <= copied and workdir == "/home/ray/raydpo"
+    assert all(rest.split()[-1].startswith(workdir) for word, rest in ins if word == "COPY")
     ignore = (CLUSTER / "Dockerfile.dockerignore").read_text()
     assert all(f"!{c}" in ignore for c in copied)  # the build context holds what is copied
     assert not [rest for word, rest in ins if word == "ENV" and SECRETISH.search(rest)]
