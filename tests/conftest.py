@@ -16,6 +16,14 @@ os.environ.setdefault(
     "RAYDPO_TEST_FAULTS", str(Path(tempfile.mkdtemp(prefix="raydpo-faults-")) / "fault.json")
 )
 
+# Ray 2.60 starts a local Ray with token authentication and, when it finds no token, writes a new one
+# to ~/.ray/auth_token. The suite's Ray instances (and the processes they start) read a token file of
+# their own instead, so no test writes the user's ~/.ray.
+if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+    _token = Path(tempfile.mkdtemp(prefix="raydpo-test-token-")) / "auth_token"
+    _token.write_text(os.urandom(16).hex())
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(_token)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray on 127.0.0.1 only (see cli.py)
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -2,6 +2,7 @@
 when asked for; weights and YAML load without running code; names that become paths cannot escape."""
 
 import ast
+import os
 import socket
 from pathlib import Path
 
@@ -330,3 +331,15 @@ def test_redaction_survives_another_thread_changing_the_environment():
         t.join()
         for i in range(50):
             os.environ.pop(f"_RAYDPO_CHURN_{i}", None)
+
+
+def test_the_suites_ray_uses_its_own_token_file_not_the_users_home():
+    """Ray 2.60 writes ~/.ray/auth_token when a local Ray starts without a token; conftest.py gives the
+    suite a token file of its own, which Ray's loader finds first."""
+    from ray._private.authentication.authentication_token_setup import _get_default_token_path
+    from ray._raylet import AuthenticationTokenLoader
+
+    path = Path(os.environ["RAY_AUTH_TOKEN_PATH"])
+    assert path.is_file() and Path.home() not in path.parents
+    assert path != _get_default_token_path()
+    assert AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True)
