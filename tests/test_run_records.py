@@ -74,13 +74,15 @@ def test_under_a_ray_job_relative_outputs_go_to_raydpo_home(tmp_path, monkeypatc
 
 
 def test_resume_flag_is_accepted_before_or_after_overrides(monkeypatch):
-    import raydpo.methods
+    import raydpo.evaluate.checkpoints
     import raydpo.sweep
     from raydpo.cli import main
 
     seen: list = []
-    monkeypatch.setattr(
-        raydpo.methods, "train", lambda cfg, resume=False: seen.append((cfg.optim.lr, resume))
+    monkeypatch.setattr(  # what `raydpo train` calls: methods.train, then any eval.every_steps
+        raydpo.evaluate.checkpoints,
+        "train_and_evaluate",
+        lambda cfg, resume=False: seen.append((cfg.optim.lr, resume)),
     )
     fake_sweep = lambda path, overrides, resume: seen.append((path, overrides, resume)) or {"failed": 0}  # noqa: E731
     monkeypatch.setattr(raydpo.sweep, "run_sweep", fake_sweep)
