@@ -44,7 +44,8 @@ from raydpo.tasks.prepare import prepare
 from raydpo.tracking import KIND_TAG, RunLogger, find_or_create_run, run_id_for, tracking_uri
 
 # Per size: the task size, the grids, the baselines' budgets, the eval's samples, the checkpoint
-# evaluation interval (pair methods, PPO), the temperatures of the win-rate figure and its samples.
+# evaluation interval (DPO, the other pair methods, PPO), the temperatures of the win-rate figure and
+# its samples.
 # PPO's target KLs are the paper's {3, 6, 9, 12} × 16/24 (README, "The demo"): the first is "PPO".
 SIZES = {
     "tiny": {
@@ -59,7 +60,7 @@ SIZES = {
         "ppo": {"steps": 6, "kl_targets": [4.0], "rollout_batch_size": 16},
         "best_of_n": 4,
         "eval_samples": 1,
-        "every_steps": {"pairs": 12, "prompts": 3},
+        "every_steps": {"dpo": 12, "pairs": 12, "prompts": 3},
         "temperatures": [0.0, 0.5, 1.0],
         "temperature_samples": 1,
     },
@@ -75,7 +76,7 @@ SIZES = {
         "ppo": {"steps": 30, "kl_targets": [4.0, 2.0, 6.0, 8.0], "rollout_batch_size": 32},
         "best_of_n": 16,
         "eval_samples": 2,
-        "every_steps": {"pairs": 48, "prompts": 10},
+        "every_steps": {"dpo": 48, "pairs": 96, "prompts": 15},
         "temperatures": [0.0, 0.25, 0.5, 0.75, 1.0],
         "temperature_samples": 1,  # per prompt and temperature in the win-rate-against-temperature eval
     },
@@ -157,7 +158,7 @@ def run_dpo_sweep(
     sweep = {
         "name": "dpo-sweep",
         "base": _with(base, run_name="dpo-sweep", method="dpo", optim={"lr": spec["dpo"]["lr"]},
-                      train={"epochs": spec["dpo"]["epochs"]}, eval=_along(spec, root, "pairs")),
+                      train={"epochs": spec["dpo"]["epochs"]}, eval=_along(spec, root, "dpo")),
         "search": {"loss.name": {"grid": spec["losses"]}, "loss.beta": {"grid": spec["betas"]}},
         "seeds": len(seeds),
         "metric": "rewards/accuracies",
@@ -335,9 +336,10 @@ def run_demo(size: str = "full", root: str | Path | None = None, seed: int = 0, 
     runs = {s: train_baselines(spec, base, root, manifest, rms[s], s, clock) for s in seed_list}
 
     meta, series = policy_meta(spec, dpo_rows)
+    all_policies = {s: seed_policies(spec, manifest, runs[s], rms[s], [d for d in dpo_rows if d["seed"] == s])
+                    for s in seed_list}  # fmt: skip
     per_seed = []
-    for s in seed_list:
-        policies = seed_policies(spec, manifest, runs[s], rms[s], [d for d in dpo_rows if d["seed"] == s])
+    for s, policies in all_policies.items():
         path = write_eval(root, f"eval-s{s}", manifest, policies, series, tracking, baselines=["sft", "ppo"],
                           temperatures=[1.0], n=spec["eval_samples"], seed=s)  # fmt: skip
         clock(f"evaluating {len(policies)} policies of seed {s} on the held-out prompts ({path}) ...", 5)
@@ -350,8 +352,6 @@ def run_demo(size: str = "full", root: str | Path | None = None, seed: int = 0, 
     )
     clock("DPO configurations ranked by win rate against SFT: " + "; ".join(ranking[:3])
           + (" …" if len(ranking) > 3 else ""))  # fmt: skip
-    all_policies = {s: seed_policies(spec, manifest, runs[s], rms[s], [d for d in dpo_rows if d["seed"] == s])
-                    for s in seed_list}  # fmt: skip
     curves = temperature_curves(spec, root, manifest, rows, all_policies, tracking, clock)
     return finish(spec, size, seed_list, root, tracking, clock, log, rows, per_seed, runs, dpo_rows, curves)
 

@@ -13,7 +13,8 @@ reference, and the win rate against each of its baselines (judged by its judge; 
 the same way, at `baseline_temperature` when set). The training loop itself is not involved.
 
 Each point goes to `<run_dir>/checkpoint_eval.json` (reused when the run is evaluated again with
-the same eval settings; only new checkpoints are sampled) and to the run's MLflow run as
+the same eval settings; only new checkpoints are sampled; a baseline's samples are drawn once for
+all runs with the same settings and seed) and to the run's MLflow run as
 `checkpoint/kl`, `checkpoint/reward/gt_mean`, `checkpoint/winrate/vs_<baseline>` (each with
 `_ci_low` and `_ci_high`) at step = the checkpoint's training step.
 """
@@ -115,10 +116,26 @@ def _settings(ce: CheckpointEval, seed: int) -> dict:
     return {"eval_config": digest[:16], "seed": seed, "temperature": ce.cfg.temperatures[0]}
 
 
-def _write(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+def _write(path: Path, data) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per process: runs may write at once
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)
+
+
+def baseline_rows(ce: CheckpointEval, path: Path, seed: int, ref) -> list[dict]:
+    """A baseline's samples, drawn once per (eval settings, baseline, seed) and kept under the eval
+    file's output folder (`<output_dir>/<name>/baseline-samples/`) for every run evaluated with it."""
+    t_b = ce.cfg.temperatures[0] if ce.cfg.baseline_temperature is None else ce.cfg.baseline_temperature
+    key = {**_settings(ce, seed), "baseline": str(path), "baseline_temperature": t_b}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    cache = Path(ce.cfg.output_dir).resolve() / ce.cfg.name / "baseline-samples" / f"{digest}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    rows = sample_local(SampleJob(str(path), ce.cfg.n, seed), ce.prompts, reference=ref, temperatures=[t_b],
+                        max_new_tokens=ce.cfg.max_new_tokens)  # fmt: skip
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    _write(cache, rows)  # two runs writing at once write the same samples; the rename is atomic
+    return rows
 
 
 def measure(ce: CheckpointEval, job: SampleJob, ref, base_rows: dict[str, list[dict]]) -> dict[str, Interval]:
@@ -150,10 +167,7 @@ def evaluate_run(run_cfg: RunConfig, ce: CheckpointEval, result: dict, log=print
         log(f"evaluating {len(todo)} checkpoint(s) of {run_dir.name} with {ce.path} "
             f"({len(ce.prompts)} prompts × {ce.cfg.n}, temperature {settings['temperature']:g})")  # fmt: skip
         ref = load_causal_lm(str(ce.reference))
-        t_b = ce.cfg.temperatures[0] if ce.cfg.baseline_temperature is None else ce.cfg.baseline_temperature
-        kw = dict(reference=ref, temperatures=[t_b], max_new_tokens=ce.cfg.max_new_tokens)
-        base_rows = {b: sample_local(SampleJob(str(p), ce.cfg.n, seed), ce.prompts, **kw)
-                     for b, p in ce.baselines.items()}  # fmt: skip
+        base_rows = {b: baseline_rows(ce, p, seed, ref) for b, p in ce.baselines.items()}
         tokenizer = str(run_dir / "final")  # a checkpoint's model/ has no tokenizer; the exported model has
         logger = _logger(run_cfg, result, log)
         for step, d in todo:
