@@ -21,6 +21,7 @@ training worker per node, as one GPU per node does on a GPU cluster.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -163,6 +164,9 @@ def api(state: dict, path: str):
     return body["data"]["result"]["result"] if path.startswith("/api/v0/") else body
 
 
+NODE_START_ATTEMPTS = 3  # a worker node whose `ray start` gave up is started again, this many times in all
+
+
 def _alive_nodes(state: dict) -> int:
     return sum(n.get("state") == "ALIVE" for n in api(state, "/api/v0/nodes?limit=1000"))
 
@@ -200,6 +204,23 @@ RAY_START_WORKER = (
     "services.resolve_ip_for_localhost = lambda host: host; "
     "from ray.scripts.scripts import main; sys.argv[0] = 'ray'; sys.exit(main())"
 )
+
+
+def _stop_leftovers(temp: Path) -> None:
+    """Stop every process of one node's failed `ray start` (they name its temp folder)."""
+    mine = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if str(temp) in " ".join(p.info["cmdline"] or []):
+                mine.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    for p in mine:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    for p in psutil.wait_procs(mine, timeout=5)[1]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
 
 
 def _ray_node(i: int, state: dict, cpus: float) -> list[str]:
@@ -274,11 +295,30 @@ def up(root: Path | None = None, workers: int = 1, cpus: float = 2, artifacts: s
                               "--artifacts-destination", state["artifacts"]])  # fmt: skip
         launch("head", _ray_node(0, state, cpus))
         _wait("the head's GCS", lambda: _accepts(ports["gcs"]), started, timeout)
-        for i in range(1, workers + 1):  # they start while the head's dashboard and agents do
-            launch(nodes[i], _ray_node(i, state, cpus))
         _wait("the Ray head", lambda: _get(f"{state['dashboard']}/api/version", secret), started, timeout)
+        for i in range(1, workers + 1):  # after the head's dashboard: less for a loaded GCS to do at once
+            launch(nodes[i], _ray_node(i, state, cpus))
         all_nodes = lambda: _alive_nodes(state) == len(nodes)  # noqa: E731
-        _wait(f"{len(nodes)} Ray node(s)", all_nodes, started, timeout)
+        for attempt in range(NODE_START_ATTEMPTS):
+            try:
+                _wait(f"{len(nodes)} Ray node(s)", all_nodes, started, timeout)
+                break
+            except UserError:
+                # `ray start` gives a node 30 s to register with the GCS; on a loaded machine a worker
+                # node can miss that while the head is still starting. Only such nodes are started again.
+                dead = [(p, rec) for p, rec in started if p.poll() is not None]
+                if (
+                    attempt == NODE_START_ATTEMPTS - 1
+                    or not dead
+                    or any(r["name"] not in nodes[1:] for _, r in dead)
+                ):
+                    raise
+                for p, rec in dead:
+                    started.remove((p, rec))
+                    i = nodes.index(rec["name"])
+                    _stop_leftovers(Path(state["ray_temp"]) / f"w{i}")  # its raylet and agents, ports free
+                    log(f"raydpo cluster: {rec['name']} did not register in time; starting it again")
+                    launch(rec["name"], _ray_node(i, state, cpus))
         head_agent = f"http://127.0.0.1:{ports['head']['agent']}/api/healthz"  # the head's job agent
         _wait("the head's job agent", lambda: _get(head_agent, secret), started, timeout)
         if mlflow:
