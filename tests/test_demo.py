@@ -37,6 +37,22 @@ def test_results_table_has_the_issue_columns():
     assert "0.700 [0.650, 0.750]" in table[3] and len(table) == 4
 
 
+def test_results_rows_are_means_over_seeds_with_t_intervals():
+    """Two seeds' evals of one DPO policy: reward 0.4 and 0.6 → 0.5 ± 12.706 · 0.1414 / √2 = 0.5 ± 1.2706;
+    one seed: the eval's own interval (over prompts), unchanged; a missing win rate stays missing."""
+    from raydpo.demo import results_rows
+
+    meta = {"dpo-sigmoid-b0.1": {"method": "DPO", "loss": "sigmoid", "setting": "β 0.1", "beta": 0.1}}
+    seed = lambda r: {"dpo-sigmoid-b0.1": {1.0: {"reward/gt_mean": _iv(r), "kl": _iv(2.0),  # noqa: E731
+                                                 "winrate/vs_sft": _iv(0.7)}}}  # fmt: skip
+    (row,) = results_rows([seed(0.4), seed(0.6)], meta)
+    assert row["reward"].estimate == pytest.approx(0.5) and row["reward"].n == 2 and row["seeds"] == 2
+    assert row["reward"].high - 0.5 == pytest.approx(1.2706, abs=1e-4)
+    assert row["kl"] == (2.0, 2.0, 2.0, 2) and row["win_vs_ppo"] is None
+    (one,) = results_rows([seed(0.4)], meta)
+    assert one["reward"] == _iv(0.4) and one["seeds"] == 1
+
+
 def test_demo_paper_check_lines_and_verdict():
     """Three seeds whose DPO frontier lies above PPO's: reproduced; swapped: not reproduced; one seed:
     inconclusive, with the advice to run more seeds. The win-rate line has its own verdict."""
