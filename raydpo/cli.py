@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the DPO paper's sentiment comparison end to end: task, DPO sweep, baselines, eval, table, plot",
     )
     m.add_argument("--size", choices=["tiny", "full"], default="full",
-                   help="full (default): about 11 min on 2 CPU cores; tiny: about 2.5 min")  # fmt: skip
+                   help="full (default): the paper's grids on the full task; tiny: a smaller task and grid "
+                        "(the test suite runs it)")  # fmt: skip
     m.add_argument("--dir", help="where everything goes (default runs/demo-SIZE; reused when run again)")
     m.add_argument("--seed", type=int, default=0, help="the first seed (default 0)")
     m.add_argument("--seeds", type=_positive, default=1,

@@ -1,10 +1,11 @@
 """`raydpo demo --size tiny` end to end, and the tiny sentiment task and baselines it builds.
 
-The demo runs once for the module (about 4 minutes on 2 cores): task, reward model, a 3-trial DPO
-sweep, Preferred-FT, unlikelihood, PPO, PPO-GT, each run's checkpoints evaluated along training,
-then the eval of all of them and Best-of-4, and the win rate against temperature. The task, baseline
-and evaluation-along-training checks below read that run's outputs instead of training everything a
-second time. The frontier maths and the seed-level check are in tests/test_frontier.py.
+The demo runs once for the module (7 to 12 minutes on this shared 2-core machine): task, reward
+model, a 3-trial DPO sweep, Preferred-FT, unlikelihood, PPO, PPO-GT, each run's checkpoints
+evaluated along training, then the eval of all of them and Best-of-4, and the win rate against
+temperature. The task, baseline and evaluation-along-training checks below read that run's outputs
+instead of training everything a second time. The frontier maths and the seed-level check are in
+tests/test_frontier.py.
 """
 
 import json

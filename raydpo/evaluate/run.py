@@ -19,7 +19,8 @@ An eval config (YAML):
     baseline_temperature: 1.0                          # baselines sampled at 1.0 (default: each temperature)
     seeds: 3                                           # sample with seeds seed, seed + 1, seed + 2
 
-Every policy is sampled in one Ray Data pass (evaluate/generate.py). With `seeds: N` every policy is
+Every policy is sampled in one Ray Data pass (evaluate/generate.py), by one actor per free CPU of
+the Ray cluster. With `seeds: N` every policy is
 sampled N times (sampling seeds seed ... seed + N − 1) and every number is the mean over the N seeds
 with a 95% Student t interval across them; with one seed the intervals are over prompts (Wilson for
 win rates, normal for means).
@@ -48,6 +49,7 @@ import os
 from pathlib import Path
 from typing import Annotated
 
+import ray
 from pydantic import Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -55,7 +57,7 @@ from raydpo.config import TrackingConfig, _describe, _Strict, apply_overrides, r
 from raydpo.data.prompts import read_prompts as read_prompt_column
 from raydpo.engine.session import start_ray
 from raydpo.errors import ConfigError, UserError
-from raydpo.evaluate.generate import SampleJob, sample_policies
+from raydpo.evaluate.generate import CHUNK, SampleJob, sample_policies
 from raydpo.evaluate.judges import make_judge
 from raydpo.evaluate.metrics import Interval, across_seeds, kl_from_samples, mean_interval, win_rate
 from raydpo.evaluate.report import fmt_interval, plot_frontier, plot_winrates, results_table
@@ -177,10 +179,12 @@ def sample_all(cfg: EvalConfig, prompts: list[str], reference: Path, log) -> dic
             n = cfg.n * spec.best_of_n if isinstance(spec, BestOfNPolicy) else cfg.n
             keys[(name, s)] = key = f"{len(keys)}:{name}@{s}"
             jobs[key] = SampleJob(str(policy_path(spec)), n, s)
+    chunks = len(jobs) * -(-len(prompts) // CHUNK)
+    actors = max(1, min(chunks, int(ray.available_resources().get("CPU", 1))))  # one per free CPU
     log(f"  sampling {len(cfg.policies)} policies × {len(seeds)} seed(s) × {len(cfg.temperatures)} "
-        f"temperature(s) in one Ray Data pass")  # fmt: skip
+        f"temperature(s) in one Ray Data pass ({actors} actor(s))")  # fmt: skip
     drawn = sample_policies(jobs, prompts, reference=reference, temperatures=cfg.temperatures,
-                            max_new_tokens=cfg.max_new_tokens)  # fmt: skip
+                            max_new_tokens=cfg.max_new_tokens, concurrency=actors)  # fmt: skip
     out: dict[int, dict[str, list[dict]]] = {s: {} for s in seeds}
     for name, spec in cfg.policies.items():
         score = None
