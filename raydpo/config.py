@@ -79,6 +79,10 @@ class DataConfig(_Strict):
     quarantine_path: str | None = None  # None = <train.output_dir>/quarantine.jsonl
     max_rows: int | None = Field(None, gt=0)  # read at most this many rows (quick experiments)
     tokenize_workers: int = Field(1, gt=0)  # Ray Data actors that validate and tokenize
+    streaming: Literal["auto", "on", "off"] = "auto"  # on: tokenized rows go to parquet in the run dir and
+    #   stream from there, each worker reading only its shard (Ray Train's split; 1x8 = 2x4 statistically,
+    #   not exactly); off: held in Ray's object store, every worker reads every row and keeps its slice of
+    #   each global batch (1x8 = 2x4 exactly); auto = on for local files over 1 GiB (data/pipeline.py)
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> DataConfig:
@@ -146,6 +150,8 @@ class TrainConfig(_Strict):
     #   log-prob equals the two-row value within 1e-5, but AdamW's first update amplifies that rounding
     #   (TRL-parity loss after one step: 4e-6 apart instead of 5e-7)
     response_only_logits: bool = True  # run the LM head on scored positions only, in chunks
+    group_by_length: bool = False  # batches of pairs of similar length (less padding): each window of 64
+    #   global batches of the epoch's seeded order is sorted by length, cut, and its batches shuffled
     precompute_reference: bool = False  # score the data with the reference once, before training, cached
     #   under <output_dir>/.reference-cache (engine/reference.py); workers then hold only the policy
     output_dir: str = "runs"  # run outputs go to <output_dir>/<run_name>

@@ -17,17 +17,24 @@ row's id there (null without one). A quarantine line's `raw` is what `raydpo dat
 
 Memory: the readers stream a JSON-lines file line by line, but here `read_binary_files` reads each
 file whole into one block, which `_split_lines` then splits; a file must fit in one worker's memory.
+Without streaming (`data.streaming`) the prepared rows are materialized in Ray's object store. With it
+(`streams`), the stage writes them to parquet under the run directory as it goes (the driver never
+holds more than the quarantined rows), and training reads that parquet back as a stream each epoch.
+Hugging Face and built-in sources are read through the driver (`iter_rows`) either way.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import shutil
 import warnings
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import ray
 from ray.data.expressions import col
 
@@ -171,6 +178,25 @@ def preparer(cfg: RunConfig, texts: bool = False, fmt: str | None = None) -> typ
     return type("PreparePairs", (PreparePairs,), attrs)
 
 
+STREAM_AUTO_BYTES = 1 << 30  # `data.streaming: auto` streams local sources larger than this
+
+
+def source_bytes(source: str) -> int:
+    """Bytes on disk of a local file or folder source (0 for hub names and builtin sources)."""
+    path = Path(source)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def streams(cfg: RunConfig) -> bool:
+    """Whether this run streams its pairs from parquet on disk (see the module docstring)."""
+    d = cfg.data
+    if d.streaming != "auto":
+        return d.streaming == "on"
+    return sum(source_bytes(s) for s in filter(None, [d.source, d.eval_source])) > STREAM_AUTO_BYTES
+
+
 PREFLIGHT_ROWS = 1000  # preflight reads at most this many rows (or one global batch) of a source
 
 
@@ -219,11 +245,26 @@ def _no_restarts() -> dict:
     return {"max_restarts": 0}
 
 
+def _store(ds, folder: Path):
+    """`ds` written to parquet in `folder` (replaced atomically), read back lazily: a stream."""
+    tmp = folder.with_name(f"{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ds.write_parquet(str(tmp))
+    old = folder.with_name(f"{folder.name}.old")
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return ray.data.read_parquet(str(folder))
+
+
 def prepare_dataset(
-    cfg: RunConfig, source: str, quarantine_path: Path, concurrency: int = 1, texts: bool = False
-):
-    """Validated, tokenized pairs (or SFT texts) of `source` as a materialized Dataset, plus the
-    quarantine report. The training source (`data.source`) must keep rows for one global batch."""
+    cfg: RunConfig, source: str, quarantine_path: Path, concurrency: int = 1, texts: bool = False,
+    store: Path | None = None,
+):  # fmt: skip
+    """Validated, tokenized pairs (or SFT texts) of `source` as a Dataset, plus the quarantine report.
+    The Dataset is materialized in the object store, or with `store` a stream over the parquet files
+    written there. The training source (`data.source`) must keep rows for one global batch."""
     d = cfg.data
     fmt = None if texts else first_format(iter_rows(source, d.format, d.split, d.max_rows), d.columns)
     if fmt == CONVERSATIONAL:  # a one-line error here rather than a failed actor stage
@@ -237,8 +278,8 @@ def prepare_dataset(
             batch_format="numpy",
             ray_remote_args_fn=_no_restarts,  # a failing tokenizer actor fails the stage with its error
         )
-    ds = ds.materialize()
-    total = ds.count()
+    ds = ds.materialize() if store is None else _store(ds, store)
+    total = ds.count()  # parquet: from the files' metadata
     bad = ds.filter(expr=col("ok") == False).take_all()  # noqa: E712 (an expression, not a comparison)
     with Quarantine(quarantine_path) as q:
         for r in sorted(bad, key=lambda r: r["row"]):
@@ -260,5 +301,24 @@ def prepare_dataset(
             f"batch of {need} ({how}); add rows or lower train.batch_size"
         )
     ok = col("ok") == True  # noqa: E712 (builds a Ray Data expression)
-    good = ds.filter(expr=ok).select_columns(["id", *PAIR_COLUMNS]).materialize()
-    return good, report
+    good = ds.filter(expr=ok).select_columns(["id", *PAIR_COLUMNS])
+    return (good.materialize() if store is None else good), report
+
+
+def _hash_part(table: pa.Table, fraction: float, seed: int, held_out: bool) -> pa.Table:
+    """The rows of `table` whose hash of (seed, token ids) falls in the held-out share, or the others."""
+    cols = [table.column(c).to_pylist() for c in PAIR_COLUMNS]
+    keep = [
+        (zlib.crc32(json.dumps([seed, p, c, r]).encode()) / 2**32 < fraction) == held_out
+        for p, c, r in zip(*cols)
+    ]
+    return table.filter(pa.array(keep, type=pa.bool_()))
+
+
+def hash_split(ds, fraction: float, seed: int):
+    """(train, eval) of a streamed Dataset without materializing it: a pair is held out when a hash of
+    (seed, its token ids) falls below `fraction`, so the split is the same on every pass and every
+    run with that seed (not `train_test_split`'s exact share: about `fraction` of the rows)."""
+    part = lambda held_out: ds.map_batches(_hash_part, batch_format="pyarrow", fn_kwargs={
+        "fraction": fraction, "seed": seed, "held_out": held_out})  # fmt: skip
+    return part(False), part(True)

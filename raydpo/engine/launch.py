@@ -21,8 +21,8 @@ from ray.data import ExecutionOptions
 from ray.train.torch import TorchTrainer
 
 from raydpo.config import RunConfig, config_to_dict, dump_config, flatten
+from raydpo.data.pipeline import hash_split, prepare_dataset, streams
 from raydpo.data.pipeline import preflight as data_preflight
-from raydpo.data.pipeline import prepare_dataset
 from raydpo.data.prompts import read_prompts
 from raydpo.data.tokenize import pad_token_id
 from raydpo.engine.checkpointing import publish_dir, tidy_run_dir
@@ -155,21 +155,30 @@ def preflight(cfg: RunConfig, check_data: bool = True):
 
 
 def build_datasets(cfg: RunConfig, log, texts: bool = False):
-    """(train Dataset, eval Dataset or None, quarantine reports): validated, tokenized, materialized.
-    `texts`: the source holds SFT texts rather than preference pairs."""
+    """(train Dataset, eval Dataset or None, quarantine reports): validated, tokenized, and either
+    materialized or, when the run streams (`data.pipeline.streams`), stored as parquet in
+    `<run_dir>/data/` and streamed from there. `texts`: the source holds SFT texts, not pairs."""
     qpath = Path(cfg.data.quarantine_path or cfg.run_dir / "quarantine.jsonl")
-    train, report = prepare_dataset(cfg, cfg.data.source, qpath, cfg.data.tokenize_workers, texts=texts)
+    store = cfg.run_dir / "data" if streams(cfg) else None
+    where = lambda split: store / split if store else None
+    train, report = prepare_dataset(cfg, cfg.data.source, qpath, cfg.data.tokenize_workers, texts=texts,
+                                    store=where("train"))  # fmt: skip
     log(report.summary())
     reports = [report]
     evalset = None
     if cfg.data.eval_source:
         evalset, er = prepare_dataset(cfg, cfg.data.eval_source, qpath.with_name("quarantine.eval.jsonl"),
-                                      texts=texts)  # fmt: skip
+                                      texts=texts, store=where("eval"))  # fmt: skip
         reports.append(er)
+    elif cfg.data.eval_fraction > 0 and store:
+        train, evalset = hash_split(train, cfg.data.eval_fraction, cfg.train.seed)
     elif cfg.data.eval_fraction > 0:
         train, evalset = train.train_test_split(
             test_size=cfg.data.eval_fraction, shuffle=True, seed=cfg.train.seed
         )
+    if store:
+        log(f"streaming: tokenized pairs in {store}, each worker reads its own shard")
+        return train, evalset, reports
     return train.materialize(), (evalset.materialize() if evalset is not None else None), reports
 
 
@@ -242,11 +251,12 @@ def run(
         datasets = {"train": train, **({"eval": evalset} if evalset is not None else {})}
         if precomputes_reference(cfg, method):
             if REF_COLUMNS[0] not in train.schema().names:  # a sweep attaches them once for its trials
-                datasets, outcome = attach_reference(cfg, datasets, log)
+                datasets, outcome = attach_reference(cfg, datasets, log, stream=streams(cfg))
                 tags = {**(tags or {}), "raydpo.reference_logps": outcome}
             loop_config["reference_in_data"] = True
         n_rows = datasets["train"].count()
         loop_config["has_eval"] = evalset is not None
+        loop_config["split_data"] = streams(cfg)
     per_epoch = steps_per_epoch(cfg, method, n_rows)
     steps = cfg.train.max_steps or per_epoch * cfg.train.epochs
     uri = tracking_uri(cfg.tracking)
@@ -363,8 +373,10 @@ def fit(cfg: RunConfig, loop_config: dict, datasets: dict, callbacks=None):
         train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config,
         datasets=datasets,
         # Not split: every worker streams all pairs in the same order and keeps its slice (worker.py).
+        # Split (data.streaming): each worker streams its own equal shard (streaming_split).
         dataset_config=ray.train.DataConfig(
-            datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
+            datasets_to_split="all" if loop_config.get("split_data") else [],
+            execution_options=ExecutionOptions(preserve_order=True),
         ),
     )  # fmt: skip
     try:

@@ -41,7 +41,9 @@ def train_local(cfg: RunConfig, method: Method, rows: list[TokenizedPair] | list
     def sources(dev, layout):
         if prompts:
             return PromptSource(rows, per_step, max(1, len(rows) // per_step), cfg.train.seed, 0, 1), None
-        return ListSource(rows, per_step, cfg.train.seed, pad_id, layout, dev), None
+        return ListSource(
+            rows, per_step, cfg.train.seed, pad_id, layout, dev, cfg.train.group_by_length
+        ), None
 
     def report(row: dict, ckpt_fn) -> None:
         if ckpt_fn is not None and checkpoint_dir is not None:

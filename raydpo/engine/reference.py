@@ -91,9 +91,10 @@ class ScoreReference:
         return {**batch, "ref_chosen": logps[:n], "ref_rejected": logps[n:]}
 
 
-def attach(cfg: RunConfig, datasets: dict, log, workers: int = 1) -> tuple[dict, str]:
+def attach(cfg: RunConfig, datasets: dict, log, workers: int = 1, stream: bool = False) -> tuple[dict, str]:
     """`datasets` ({"train": Dataset, "eval": Dataset?}) with the reference columns, read from the
-    cache (computed first if missing). Returns them and "computed <key>" or "reused <key>"."""
+    cache (computed first if missing), materialized or (`stream`) as a stream over the parquet files.
+    Returns them and "computed <key>" or "reused <key>"."""
     root = cache_dir(cfg)
     key = root.name
     outcome = "reused"
@@ -124,13 +125,15 @@ def attach(cfg: RunConfig, datasets: dict, log, workers: int = 1) -> tuple[dict,
         log(f"reference log-probs: computed for {rows} rows in {took:.1f} s, cached in {root}")
     else:
         log(f"reference log-probs: reused from {root}")
-    out = {split: _read(root / split) for split in datasets}
+    out = {split: _read(root / split, stream) for split in datasets}
     return out, f"{outcome} {key}"
 
 
-def _read(folder: Path):
+def _read(folder: Path, stream: bool = False):
     """The cached rows in the order they were written (file names sort by write task and block)."""
     files = sorted(str(f) for f in folder.glob("*.parquet"))
+    if stream:
+        return ray.data.read_parquet(files)
     ctx = ray.data.DataContext.get_current()
     ordered, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
     try:

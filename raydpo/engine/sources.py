@@ -25,6 +25,26 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
 
 
+GROUP_WINDOW = 64  # global batches per window of `train.group_by_length`
+
+
+def pair_length(prompt, chosen, rejected) -> int:
+    """The padded row length a pair needs in the two-row layout: prompt + the longer response."""
+    return len(prompt) + max(len(chosen), len(rejected))
+
+
+def grouped_batches(lengths: list[int], batch: int, rng: random.Random) -> list[list[int]]:
+    """One window of rows (positions 0 … n−1, in the epoch's seeded order) as full batches of rows of
+    similar length (`train.group_by_length`): the rows past the last full batch are dropped (as
+    drop_last does), the rest sorted by length (stable, so ties keep the seeded order) and cut into
+    batches, and the batches shuffled with `rng`. Each batch then pads to nearly its own rows' length."""
+    keep = len(lengths) - len(lengths) % batch
+    order = sorted(range(keep), key=lengths.__getitem__)
+    batches = [order[i : i + batch] for i in range(0, keep, batch)]
+    rng.shuffle(batches)
+    return batches
+
+
 def to_device(batch: dict, device) -> dict:
     """Tensors to `device`; other entries (the pair ids) as they are."""
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -32,21 +52,39 @@ def to_device(batch: dict, device) -> dict:
 
 class ListSource:
     """Tokenized pairs held in this process (the single-process path): a seeded permutation per epoch,
-    the last incomplete batch dropped (every step sees `batch_size` pairs)."""
+    the last incomplete batch dropped (every step sees `batch_size` pairs); with `group_by_length`,
+    each window of GROUP_WINDOW batches regrouped by length (`grouped_batches`)."""
 
     def __init__(
-        self, pairs: list[TokenizedPair], batch_size: int, seed: int, pad_id: int, layout: Layout, device
-    ):
+        self, pairs: list[TokenizedPair], batch_size: int, seed: int, pad_id: int, layout: Layout, device,
+        group_by_length: bool = False,
+    ):  # fmt: skip
         self.pairs, self.batch_size, self.seed, self.pad_id = pairs, batch_size, seed, pad_id
-        self.layout, self.device = layout, device
+        self.layout, self.device, self.group = layout, device, group_by_length
 
-    def epoch(self, epoch: int, shuffle: bool = True) -> Iterator[dict]:
+    def batches(self, epoch: int, shuffle: bool) -> Iterator[list[int]]:
+        """This epoch's batches as lists of row positions."""
         order = list(range(len(self.pairs)))
         if shuffle:
             g = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
             order = torch.randperm(len(self.pairs), generator=g).tolist()
-        for i in range(0, len(order) - self.batch_size + 1, self.batch_size):
-            group = [self.pairs[j] for j in order[i : i + self.batch_size]]
+        if not self.group:
+            for i in range(0, len(order) - self.batch_size + 1, self.batch_size):
+                yield order[i : i + self.batch_size]
+            return
+        rng, span = random.Random(epoch_seed(self.seed, epoch)), self.batch_size * GROUP_WINDOW
+        for w in range(0, len(order), span):
+            window = order[w : w + span]
+            lengths = [
+                pair_length(p.prompt_ids, p.chosen_ids, p.rejected_ids)
+                for p in map(self.pairs.__getitem__, window)
+            ]
+            for b in grouped_batches(lengths, self.batch_size, rng):
+                yield [window[k] for k in b]
+
+    def epoch(self, epoch: int, shuffle: bool = True) -> Iterator[dict]:
+        for rows in self.batches(epoch, shuffle):
+            group = [self.pairs[j] for j in rows]
             batch = collate_batch(group, self.pad_id, self.layout)
             yield to_device({**batch, "ids": [p.id for p in group]}, self.device)
 

@@ -2,12 +2,16 @@
 
 Data: every worker streams the whole training Dataset in the same seeded order and keeps its own
 slice of each global batch (rows rank·B … rank·B+B of B·W). Each optimizer step therefore sees the
-same B·W pairs whatever W is: 2 workers × batch 4 follow the curve of 1 worker × batch 8.
+same B·W pairs whatever W is: 2 workers × batch 4 follow the curve of 1 worker × batch 8. A streamed
+run (`data.streaming`, `split_data`) instead gets its own equal shard from Ray Train
+(`streaming_split`): every pair is read once per epoch, by one worker, and the curves of 1 × 8 and
+2 × 4 agree in distribution, not step for step.
 Ray Train touchpoints: get_context, get_dataset_shard, get_checkpoint, report.
 """
 
 from __future__ import annotations
 
+import random
 import sys
 import tempfile
 from contextlib import nullcontext
@@ -23,7 +27,14 @@ from raydpo.engine.checkpointing import usable
 from raydpo.engine.loop import Trainer, WorkerContext
 from raydpo.engine.progress import sender
 from raydpo.engine.reference import COLUMNS as REF_COLUMNS
-from raydpo.engine.sources import PromptSource, epoch_seed, to_device
+from raydpo.engine.sources import (
+    GROUP_WINDOW,
+    PromptSource,
+    epoch_seed,
+    grouped_batches,
+    pair_length,
+    to_device,
+)
 from raydpo.tracking import RunLogger
 
 SHUFFLE_BUFFER = 20_000  # pairs held for the seeded per-epoch shuffle
@@ -48,28 +59,36 @@ def make_collate(rank: int, per_worker: int, pad_id: int, layout: Layout):
 
 
 class ShardSource:
-    """A Ray Data shard: this worker's slice of every global batch, in a seeded per-epoch order."""
+    """A Ray Data shard: this worker's slice of every global batch, in a seeded per-epoch order; with
+    `group_by_length`, each window of GROUP_WINDOW global batches regrouped by length
+    (`sources.grouped_batches`: every worker regroups the same window the same way)."""
 
     def __init__(
-        self, shard, batch_size: int, seed: int, rank: int, world: int, pad_id: int, layout: Layout, device
-    ):
-        self.shard, self.batch_size, self.seed, self.world, self.device = (
-            shard,
-            batch_size,
-            seed,
-            world,
-            device,
-        )
+        self, shard, batch_size: int, seed: int, rank: int, world: int, pad_id: int, layout: Layout, device,
+        group_by_length: bool = False,
+    ):  # fmt: skip
+        self.shard, self.batch_size, self.seed, self.world = shard, batch_size, seed, world
+        self.device, self.group = device, group_by_length
         self.collate = make_collate(rank, batch_size, pad_id, layout)
 
     def epoch(self, epoch: int, shuffle: bool = True):
-        it = self.shard.iter_torch_batches(
-            batch_size=self.batch_size * self.world, drop_last=True, device="cpu", collate_fn=self.collate,
-            local_shuffle_buffer_size=SHUFFLE_BUFFER if shuffle else None,
-            local_shuffle_seed=epoch_seed(self.seed, epoch) if shuffle else None,
-        )  # fmt: skip
-        for batch in it:
-            yield to_device(batch, self.device)
+        global_batch = self.batch_size * self.world
+        order = {"local_shuffle_buffer_size": SHUFFLE_BUFFER if shuffle else None,
+                 "local_shuffle_seed": epoch_seed(self.seed, epoch) if shuffle else None}  # fmt: skip
+        if not self.group:
+            it = self.shard.iter_torch_batches(batch_size=global_batch, drop_last=True, device="cpu",
+                                               collate_fn=self.collate, **order)  # fmt: skip
+            for batch in it:
+                yield to_device(batch, self.device)
+            return
+        rng = random.Random(epoch_seed(self.seed, epoch))
+        windows = self.shard.iter_batches(
+            batch_size=global_batch * GROUP_WINDOW, batch_format="numpy", **order
+        )
+        for w in windows:
+            lengths = [pair_length(*p) for p in zip(w["prompt_ids"], w["chosen_ids"], w["rejected_ids"])]
+            for rows in grouped_batches(lengths, global_batch, rng):
+                yield to_device(self.collate({k: v[rows] for k, v in w.items()}), self.device)
 
 
 def report(metrics: dict, ckpt_fn=None) -> None:
@@ -95,9 +114,10 @@ def train_loop_per_worker(config: dict) -> None:
             return PromptSource(config["prompts"], cfg.ppo.rollout_batch_size, config["steps_per_epoch"],
                                 cfg.train.seed, rank, world), None  # fmt: skip
         t = cfg.train
-        make = lambda name: ShardSource(ray.train.get_dataset_shard(name), t.batch_size, t.seed, rank, world,
-                                        config["pad_id"], layout, device)  # fmt: skip
-        return make("train"), (make("eval") if config["has_eval"] else None)
+        r, w = (0, 1) if config.get("split_data") else (rank, world)  # a split shard is this worker's alone
+        make = lambda name, group: ShardSource(ray.train.get_dataset_shard(name), t.batch_size, t.seed, r, w,
+                                               config["pad_id"], layout, device, group)  # fmt: skip
+        return make("train", t.group_by_length), (make("eval", False) if config["has_eval"] else None)
 
     queue = config.get("progress")
     spool = Path(cfg.run_dir) / "mlflow-spool.jsonl"  # on the run's disk: survives restarts of this worker

@@ -52,6 +52,7 @@ from raydpo.config import (
     read_yaml,
     safe_name,
 )
+from raydpo.data.pipeline import streams
 from raydpo.engine.launch import build_datasets, precomputes_reference, preflight, resolve_paths
 from raydpo.engine.reference import attach as attach_reference
 from raydpo.engine.session import start_ray
@@ -366,7 +367,7 @@ def run_sweep(path: str, overrides: list[str] = (), resume: bool = False, log=pr
     if prepared and precomputes_reference(base_cfg, method):  # one reference pass for every trial
         train, evalset, reports = prepared
         splits = {"train": train, **({"eval": evalset} if evalset is not None else {})}
-        scored, _ = attach_reference(base_cfg, splits, log)
+        scored, _ = attach_reference(base_cfg, splits, log, stream=streams(base_cfg))
         prepared = (scored["train"], scored.get("eval"), reports)
     trainable = tune.with_resources(
         tune.with_parameters(trial_main, base=base, sweep=sweep.model_dump(), root=str(root), cwd=os.getcwd(),
