@@ -59,17 +59,20 @@ def test_hash_split_partitions_the_rows_the_same_way_every_time():
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_generated_source_streams_to_two_workers_each_pair_once(ray_local, tmp_path):
-    """6,000 pairs through validate → tokenize → parquet → 2 workers with batch 8: each worker gets
-    3,000 pairs (Ray Train's equal split) and reads 375 full batches = 3,000; no pair reaches both
-    workers; every pair is read. Memory: each process stays under 1.5 GiB (the figures at 2 million
-    pairs are in the README)."""
+    """4,000 generated pairs (random words: a pair whose two responses come out identical is
+    quarantined, about 3 in 100,000) through validate → tokenize → parquet → 2 workers with batch 8:
+    each worker gets half the kept pairs (Ray Train's equal split) and reads its full batches of
+    them; no pair reaches both workers. Memory: each process stays under 1.5 GiB (the figures at 2
+    million pairs are in the README)."""
     from benchmarks.stream import run
 
-    fig = run(6000, workers=2, root=tmp_path, check_ids=True, log=lambda *_: None)
-    assert fig["kept"] == 6000 and fig["pairs_per_worker"] == [3000, 3000]
+    fig = run(4000, workers=2, root=tmp_path, check_ids=True, log=lambda *_: None)
+    assert 3990 <= fig["kept"] <= 4000
+    per_worker = fig["kept"] // 2 // 8 * 8
+    assert fig["pairs_per_worker"] == [per_worker, per_worker]
     a, b = (set(ids) for ids in fig["ids"])
-    assert len(a) == len(b) == 3000 and not a & b
-    assert a | b == {f"p{i}" for i in range(6000)}
+    assert len(a) == len(b) == per_worker and not a & b
+    assert a | b <= {f"p{i}" for i in range(4000)}
     assert max(fig["worker_peak_rss_mib"]) < 1536 and fig["driver_peak_rss_mib"] < 1536
     assert list((tmp_path / "runs" / "stream" / "data" / "train").glob("*.parquet"))
 
