@@ -245,7 +245,7 @@ def _no_restarts() -> dict:
     return {"max_restarts": 0}
 
 
-def _store(ds, folder: Path):
+def store_parquet(ds, folder: Path):
     """`ds` written to parquet in `folder` (replaced atomically), read back lazily: a stream."""
     tmp = folder.with_name(f"{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -278,7 +278,7 @@ def prepare_dataset(
             batch_format="numpy",
             ray_remote_args_fn=_no_restarts,  # a failing tokenizer actor fails the stage with its error
         )
-    ds = ds.materialize() if store is None else _store(ds, store)
+    ds = ds.materialize() if store is None else store_parquet(ds, store)
     total = ds.count()  # parquet: from the files' metadata
     bad = ds.filter(expr=col("ok") == False).take_all()  # noqa: E712 (an expression, not a comparison)
     with Quarantine(quarantine_path) as q:
@@ -316,9 +316,9 @@ def _hash_part(table: pa.Table, fraction: float, seed: int, held_out: bool) -> p
 
 
 def hash_split(ds, fraction: float, seed: int):
-    """(train, eval) of a streamed Dataset without materializing it: a pair is held out when a hash of
-    (seed, its token ids) falls below `fraction`, so the split is the same on every pass and every
-    run with that seed (not `train_test_split`'s exact share: about `fraction` of the rows)."""
+    """(train, eval) of a streamed Dataset, both lazy: a pair is held out when a hash of (seed, its
+    token ids) falls below `fraction`, so the split is the same on every pass and every run with
+    that seed (not `train_test_split`'s exact share: about `fraction` of the rows)."""
     part = lambda held_out: ds.map_batches(_hash_part, batch_format="pyarrow", fn_kwargs={
         "fraction": fraction, "seed": seed, "held_out": held_out})  # fmt: skip
     return part(False), part(True)

@@ -21,7 +21,7 @@ from ray.data import ExecutionOptions
 from ray.train.torch import TorchTrainer
 
 from raydpo.config import RunConfig, config_to_dict, dump_config, flatten
-from raydpo.data.pipeline import hash_split, prepare_dataset, streams
+from raydpo.data.pipeline import hash_split, prepare_dataset, store_parquet, streams
 from raydpo.data.pipeline import preflight as data_preflight
 from raydpo.data.prompts import read_prompts
 from raydpo.data.tokenize import pad_token_id
@@ -170,8 +170,9 @@ def build_datasets(cfg: RunConfig, log, texts: bool = False):
         evalset, er = prepare_dataset(cfg, cfg.data.eval_source, qpath.with_name("quarantine.eval.jsonl"),
                                       texts=texts, store=where("eval"))  # fmt: skip
         reports.append(er)
-    elif cfg.data.eval_fraction > 0 and store:
+    elif cfg.data.eval_fraction > 0 and store:  # the held-out share stored once: an eval pass reads only it
         train, evalset = hash_split(train, cfg.data.eval_fraction, cfg.train.seed)
+        evalset = store_parquet(evalset, store / "eval")
     elif cfg.data.eval_fraction > 0:
         train, evalset = train.train_test_split(
             test_size=cfg.data.eval_fraction, shuffle=True, seed=cfg.train.seed
