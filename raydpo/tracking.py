@@ -19,15 +19,17 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import psutil
 import ray
 import torch
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
+
+# MLflow is imported in the functions that use it, not here: a Ray Train worker that logs nothing
+# (ranks above 0, or tracking off) then never loads it (about 90 MB of its resident memory).
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 from raydpo import __version__
 from raydpo.config import RunConfig, TrackingConfig, config_to_dict, flatten
@@ -94,6 +96,8 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 def _client(uri: str) -> MlflowClient:
     """A client of `uri`; credentials in an HTTP URI go to MLflow's own variables (unless set), so
     MLflow's error messages, which quote the URL, never carry them."""
+    from mlflow.tracking import MlflowClient
+
     bare, user, password = split_credentials(uri)
     if user is not None:
         os.environ.setdefault("MLFLOW_TRACKING_USERNAME", user)
@@ -198,6 +202,8 @@ def find_or_create_run(
         return found[0].info.run_id
     tags, params = redact_mapping(tags), redact_mapping(params)  # secrets never reach MLflow
     run = client.create_run(exp_id, run_name=run_name, tags={**tags, RUN_DIR_TAG: key})
+    from mlflow.entities import Param
+
     items = [Param(k, _param(redact(str(v)))) for k, v in params.items()]
     for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
         client.log_batch(run.info.run_id, params=items[i : i + 100])
@@ -272,6 +278,8 @@ class RunLogger:
         if self.spool:
             self.spool.put(metrics, step)
             return
+        from mlflow.entities import Metric
+
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         self.client.log_batch(self.run_id, metrics=batch)
@@ -305,6 +313,9 @@ class RunLogger:
         logged = self.client.get_run(self.run_id).inputs.dataset_inputs
         if any(d.dataset.digest == digest for d in logged):
             return
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.exceptions import MlflowException
+
         kind = "builtin" if source.startswith("builtin:") else "local" if Path(source).exists() else "hf"
         where = source if kind != "local" else str(Path(source).resolve())
         ds = Dataset(name=Path(source).name or source, digest=digest, source_type=kind,
@@ -415,6 +426,8 @@ class MetricSpool:
 
     def _send(self) -> bool:
         """Send what is pending; True when nothing is left."""
+        from mlflow.entities import Metric, RunTag
+
         if self._through is None:
             tag = self.client.get_run(self.run_id).data.tags.get(THROUGH_TAG)
             self._through = int(tag) if tag is not None else -1
@@ -482,6 +495,8 @@ class _SystemMetrics:
         self._thread.start()
 
     def _sample(self) -> None:
+        from mlflow.entities import Metric
+
         now = int(time.time() * 1000)
         values = {
             "system/cpu_utilization_percentage": psutil.cpu_percent(None),
