@@ -114,7 +114,8 @@ def attach(cfg: RunConfig, datasets: dict, log, workers: int = 1, stream: bool =
                 num_cpus=threads,
             )  # fmt: skip
             scored.write_parquet(str(tmp / split))
-            rows += ds.count()
+            rows += ray.data.read_parquet(str(tmp / split)).count()  # the files' metadata: a streamed
+            #   `ds` is not read a second time
         ctx.execution_options.preserve_order = ordered
         (tmp / "done.json").write_text(json.dumps({"key": key, "rows": rows, "splits": sorted(datasets),
                                                    "seconds": round(time.monotonic() - t0, 2)}))  # fmt: skip
