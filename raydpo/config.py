@@ -78,11 +78,20 @@ class DataConfig(_Strict):
     max_bad_fraction: float = Field(0.05, ge=0, le=1)  # stop if more rows than this are quarantined
     quarantine_path: str | None = None  # None = <train.output_dir>/quarantine.jsonl
     max_rows: int | None = Field(None, gt=0)  # read at most this many rows (quick experiments)
-    tokenize_workers: int = Field(1, gt=0)  # Ray Data actors that validate and tokenize
+    tokenize_workers: int | Literal["auto"] = "auto"  # Ray Data actors that validate and tokenize; 0 = in
+    #   the driver process, no actor (small sources: starting an actor that loads the tokenizer costs
+    #   seconds); auto = 0 for sources up to 64 MiB that are not streamed, else 1 (data/pipeline.py)
     streaming: Literal["auto", "on", "off"] = "auto"  # on: tokenized rows go to parquet in the run dir and
     #   stream from there, each worker reading only its shard (Ray Train's split; 1x8 = 2x4 statistically,
     #   not exactly); off: held in Ray's object store, every worker reads every row and keeps its slice of
     #   each global batch (1x8 = 2x4 exactly); auto = on for local files over 1 GiB (data/pipeline.py)
+
+    @field_validator("tokenize_workers")
+    @classmethod
+    def _workers(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError("must be 0 (in the driver), a positive number of actors, or 'auto'")
+        return v
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> DataConfig:

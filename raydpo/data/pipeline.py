@@ -30,7 +30,7 @@ import json
 import shutil
 import warnings
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +179,7 @@ def preparer(cfg: RunConfig, texts: bool = False, fmt: str | None = None) -> typ
 
 
 STREAM_AUTO_BYTES = 1 << 30  # `data.streaming: auto` streams local sources larger than this
+DRIVER_AUTO_BYTES = 64 << 20  # `data.tokenize_workers: auto` prepares sources up to this in the driver
 
 
 def source_bytes(source: str) -> int:
@@ -195,6 +196,18 @@ def streams(cfg: RunConfig) -> bool:
     if d.streaming != "auto":
         return d.streaming == "on"
     return sum(source_bytes(s) for s in filter(None, [d.source, d.eval_source])) > STREAM_AUTO_BYTES
+
+
+def tokenize_workers(cfg: RunConfig, streamed: bool) -> int:
+    """Actors of the validate + tokenize stage; 0: the driver runs the stage's code itself. `auto`: the
+    driver for a source of up to DRIVER_AUTO_BYTES that is not streamed (an actor that loads torch,
+    transformers and the tokenizer takes seconds to start, longer than a small source takes to
+    tokenize), else one actor."""
+    d = cfg.data
+    if d.tokenize_workers != "auto":
+        return d.tokenize_workers
+    small = sum(source_bytes(s) for s in filter(None, [d.source, d.eval_source])) <= DRIVER_AUTO_BYTES
+    return 0 if small and not streamed else 1
 
 
 PREFLIGHT_ROWS = 1000  # preflight reads at most this many rows (or one global batch) of a source
@@ -258,9 +271,69 @@ def store_parquet(ds, folder: Path):
     return ray.data.read_parquet(str(folder))
 
 
+def driver_items(cfg: DataConfig, source: str) -> Iterator[dict]:
+    """`source_dataset`'s items, batch by batch, read in the driver: the same items in the same order
+    (the same functions make them), without Ray tasks. Parquet is read by Ray's reader, whose numpy
+    batches `_rows_to_json` is written for."""
+    fmt = detect_format(source, cfg.format)
+    if fmt == "jsonl":
+        items = _split_lines({"bytes": Path(source).read_bytes()})
+        batches = (_columns(items[i : i + PREPARE_BATCH]) for i in range(0, len(items), PREPARE_BATCH))
+    elif fmt == "parquet":
+        parquet = ray.data.read_parquet(str(Path(source).resolve()))
+        batches = (
+            _rows_to_json(b) for b in parquet.iter_batches(batch_size=PREPARE_BATCH, batch_format="numpy")
+        )
+    else:
+        items = _reader_items(iter_rows(source, cfg.format, cfg.split, cfg.max_rows))
+        batches = (_columns(items[i : i + PREPARE_BATCH]) for i in range(0, len(items), PREPARE_BATCH))
+    left = cfg.max_rows
+    for batch in batches:
+        n = len(batch["row"])
+        if left is not None:
+            batch, n = {k: v[:left] for k, v in batch.items()}, min(n, left)
+            left -= n
+        if n:
+            yield batch
+        if left == 0:
+            return
+
+
+def _columns(items: list[dict]) -> dict[str, list]:
+    return {k: [it[k] for it in items] for k in ("row", "line", "data", "reason", "detail")}
+
+
+PREPARE_BATCH = 256  # rows per batch of the validate + tokenize stage
+
+
+def prepared_rows(cfg: RunConfig, source: str, texts: bool, fmt: str | None, store: Path | None):
+    """The validate + tokenize stage's output (columns row, ok, reason, detail, raw, id and the token
+    ids): materialized, or with `store` written there and read back as a stream. With
+    `tokenize_workers(cfg)` 0 the driver runs the stage itself into a materialized Dataset, the same
+    blocks the actor would have made (Ray's own batch → block conversion)."""
+    workers = tokenize_workers(cfg, store is not None)
+    stage = preparer(cfg, texts, fmt)
+    if workers == 0:
+        from ray.data.block import BlockAccessor
+
+        prepare = stage()
+        blocks = [BlockAccessor.batch_to_block(prepare(b)) for b in driver_items(cfg.data, source)]
+        ds = ray.data.from_arrow(blocks)
+        return ds if store is None else store_parquet(ds, store)
+    with warnings.catch_warnings():  # the only way to set max_restarts=0 until Ray 2.64 names it
+        warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*")
+        ds = source_dataset(cfg.data, source).map_batches(
+            stage,
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            batch_size=PREPARE_BATCH,
+            batch_format="numpy",
+            ray_remote_args_fn=_no_restarts,  # a failing tokenizer actor fails the stage with its error
+        )
+    return ds.materialize() if store is None else store_parquet(ds, store)
+
+
 def prepare_dataset(
-    cfg: RunConfig, source: str, quarantine_path: Path, concurrency: int = 1, texts: bool = False,
-    store: Path | None = None,
+    cfg: RunConfig, source: str, quarantine_path: Path, texts: bool = False, store: Path | None = None,
 ):  # fmt: skip
     """Validated, tokenized pairs (or SFT texts) of `source` as a Dataset, plus the quarantine report.
     The Dataset is materialized in the object store, or with `store` a stream over the parquet files
@@ -269,16 +342,7 @@ def prepare_dataset(
     fmt = None if texts else first_format(iter_rows(source, d.format, d.split, d.max_rows), d.columns)
     if fmt == CONVERSATIONAL:  # a one-line error here rather than a failed actor stage
         _check_chat_template(cfg, load_tokenizer(cfg.model), source)
-    with warnings.catch_warnings():  # the only way to set max_restarts=0 until Ray 2.64 names it
-        warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*")
-        ds = source_dataset(cfg.data, source).map_batches(
-            preparer(cfg, texts, fmt),
-            compute=ray.data.ActorPoolStrategy(size=concurrency),
-            batch_size=256,
-            batch_format="numpy",
-            ray_remote_args_fn=_no_restarts,  # a failing tokenizer actor fails the stage with its error
-        )
-    ds = ds.materialize() if store is None else store_parquet(ds, store)
+    ds = prepared_rows(cfg, source, texts, fmt, store)
     total = ds.count()  # parquet: from the files' metadata
     bad = ds.filter(expr=col("ok") == False).take_all()  # noqa: E712 (an expression, not a comparison)
     with Quarantine(quarantine_path) as q:

@@ -5,19 +5,17 @@ Everything here also works in a single process without torch.distributed (world 
 
 from __future__ import annotations
 
+import sys
 from contextlib import nullcontext
 
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from raydpo.config import ScalingConfig
+
+# FSDP2's API and the distributed state-dict helpers are imported where they are used: the helpers take
+# about half a second to import in every Ray Train worker, and a DDP or single-worker run never uses them.
 
 
 def _initialized() -> bool:
@@ -48,6 +46,8 @@ def _decoder_layers(model) -> list[torch.nn.Module]:
 
 
 def _fsdp(model, scaling: ScalingConfig, device: torch.device):
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
     bf16 = use_bf16(scaling, device)
     mp = (
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -99,7 +99,8 @@ def mean_across_workers(metrics: dict) -> dict[str, float]:
 
 
 def _is_fsdp(model) -> bool:
-    return isinstance(model, FSDPModule)
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: no model of this process is sharded
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
 
 
 def full_states(policy, opt) -> tuple[dict | None, dict]:
@@ -110,6 +111,8 @@ def full_states(policy, opt) -> tuple[dict | None, dict]:
     """
     if not _is_fsdp(policy):
         return None, opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state, optim_state = get_state_dict(policy, opt, options=opts)
     return model_state, optim_state
@@ -119,6 +122,8 @@ def load_optimizer_state(policy, opt, state: dict) -> None:
     if not _is_fsdp(policy):
         opt.load_state_dict(state)
         return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
     set_optimizer_state_dict(
         policy, opt, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
     )

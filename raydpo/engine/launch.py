@@ -161,8 +161,7 @@ def build_datasets(cfg: RunConfig, log, texts: bool = False):
     qpath = Path(cfg.data.quarantine_path or cfg.run_dir / "quarantine.jsonl")
     store = cfg.run_dir / "data" if streams(cfg) else None
     where = lambda split: store / split if store else None
-    train, report = prepare_dataset(cfg, cfg.data.source, qpath, cfg.data.tokenize_workers, texts=texts,
-                                    store=where("train"))  # fmt: skip
+    train, report = prepare_dataset(cfg, cfg.data.source, qpath, texts=texts, store=where("train"))
     log(report.summary())
     reports = [report]
     evalset = None
@@ -370,8 +369,12 @@ def ray_train_configs(cfg: RunConfig, callbacks=None):
 def fit(cfg: RunConfig, loop_config: dict, datasets: dict, callbacks=None):
     """TorchTrainer.fit(), with a training failure reduced to its root cause's last line."""
     scaling, run_config = ray_train_configs(cfg, callbacks)
+    # The loop config reaches the workers through the object store: Ray Train's controller unpickles
+    # `train_loop_config` itself, and unpickling the Method would import torch, transformers and the
+    # engine there (seconds before it even starts the workers). `ref` lives as long as this call.
+    ref = ray.put(loop_config)
     trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config,
+        train_loop_per_worker, train_loop_config={"ref": ref}, scaling_config=scaling, run_config=run_config,
         datasets=datasets,
         # Not split: every worker streams all pairs in the same order and keeps its slice (worker.py).
         # Split (data.streaming): each worker streams its own equal shard (streaming_split).

@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import try_to_load_from_cache
-from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from raydpo.config import ModelConfig
@@ -155,15 +154,17 @@ def load_policy(cfg: ModelConfig, checkpoint: str | Path | None = None):
     if checkpoint is not None and cfg.lora is None:
         return _load_causal_lm(str(checkpoint), cfg, "checkpoint")
     model = _load_causal_lm(cfg.policy, cfg, "model.policy")
+    if cfg.lora is None:
+        return model
+    from peft import LoraConfig, PeftModel, get_peft_model  # only for LoRA: importing peft takes seconds
+
     if checkpoint is not None:
         return PeftModel.from_pretrained(model, str(checkpoint), is_trainable=True)
-    if cfg.lora is not None:
-        lcfg = LoraConfig(
-            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-            target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM",
-        )  # fmt: skip
-        model = get_peft_model(model, lcfg)
-    return model
+    lcfg = LoraConfig(
+        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM",
+    )  # fmt: skip
+    return get_peft_model(model, lcfg)
 
 
 def load_reward_model(cfg: ModelConfig, checkpoint: str | Path | None = None):

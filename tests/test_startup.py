@@ -1,0 +1,157 @@
+"""What makes a small run start fast, and the guarantees each shortcut keeps.
+
+- A small source is validated and tokenized by the driver itself (`data.tokenize_workers: auto` → 0):
+  the same Dataset, row for row and in the same order, and the same quarantine file, as the Ray Data
+  actor stage gives (both paths run here on the same files).
+- Ray Train's controller gets the loop config as an object reference (`engine.launch.fit`), so it
+  never unpickles the Method (which would import torch and transformers there).
+- A Ray Train worker takes Ray Data's batches in runs (`engine.worker.pull_ahead`), in their order.
+- A Ray Train worker imports neither peft (LoRA only) nor the distributed state-dict helpers (FSDP
+  only) unless the run uses them.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _cfg(**data):
+    from raydpo.config import build_config
+
+    return build_config({"data": data})
+
+
+def test_tokenize_workers_auto_is_the_driver_for_small_sources_not_streamed(tmp_path, monkeypatch):
+    from raydpo.data import pipeline
+
+    small = tmp_path / "p.jsonl"
+    small.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    assert pipeline.tokenize_workers(_cfg(source=str(small)), streamed=False) == 0
+    assert pipeline.tokenize_workers(_cfg(source=str(small)), streamed=True) == 1  # writes parquet as it goes
+    assert pipeline.tokenize_workers(_cfg(source="builtin:tiny-prefs"), streamed=False) == 0
+    assert pipeline.tokenize_workers(_cfg(source=str(small), tokenize_workers=3), streamed=False) == 3
+    assert pipeline.tokenize_workers(_cfg(source=str(small), tokenize_workers=0), streamed=True) == 0
+    monkeypatch.setattr(pipeline, "DRIVER_AUTO_BYTES", 40)  # the file is 49 bytes
+    assert pipeline.tokenize_workers(_cfg(source=str(small)), streamed=False) == 1
+
+
+def test_tokenize_workers_rejects_a_negative_count():
+    from raydpo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="tokenize_workers"):
+        _cfg(tokenize_workers=-1)
+    assert _cfg(tokenize_workers="auto").data.tokenize_workers == "auto"
+
+
+def _mixed_jsonl(path: Path) -> Path:
+    good = [{"id": f"g{i}", "prompt": f"Question {i}?" + " more" * (i % 5), "chosen": f" yes {i}",
+             "rejected": f" no {i}"} for i in range(600)]  # fmt: skip
+    lines = [json.dumps(r) for r in good]
+    lines[3] = "{not json"  # undecodable
+    lines[10] = json.dumps({"id": "same", "prompt": "p", "chosen": " x", "rejected": " x"})  # identical
+    lines[300] = json.dumps({"id": "half", "prompt": "p", "chosen": " x"})  # missing_field
+    lines.insert(20, "")  # a blank line is not a row
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _parquet(path: Path) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"id": f"r{i}", "prompt": f"Review {i}:", "chosen": f" good {i}", "rejected": f" bad {i}"}
+            for i in range(300)]  # fmt: skip
+    rows[7] = {"id": "broken", "prompt": "x", "chosen": "same", "rejected": "same"}
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=64)
+    return path
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("kind", ["jsonl", "parquet", "jsonl-max-rows"])
+def test_driver_and_actor_preparation_give_the_same_dataset_and_quarantine(
+    ray_local, tmp_path, tiny_llama_dir, kind
+):
+    """`data.tokenize_workers` 0 (the driver) against 1 (the Ray Data actor stage) on one source: the
+    same rows in the same order (training order depends on it), the same report, the same quarantine
+    file byte for byte."""
+    from raydpo.config import build_config
+    from raydpo.data.pipeline import prepare_dataset
+
+    source = _parquet(tmp_path / "d.parquet") if kind == "parquet" else _mixed_jsonl(tmp_path / "d.jsonl")
+    data = {"source": str(source), "max_bad_fraction": 0.5, "max_length": 40, "max_prompt_length": 20}
+    if kind == "jsonl-max-rows":
+        data["max_rows"] = 333  # cuts inside the second batch of 256
+    outcomes = {}
+    for workers in (0, 1):
+        cfg = build_config({"model": {"policy": str(tiny_llama_dir)}, "train": {"batch_size": 4},
+                            "data": {**data, "tokenize_workers": workers}})  # fmt: skip
+        q = tmp_path / f"q{workers}.jsonl"
+        good, report = prepare_dataset(cfg, str(source), q)
+        plain = lambda v: v.tolist() if hasattr(v, "tolist") else v  # noqa: E731
+        rows = [{k: plain(v) for k, v in r.items()} for r in good.iter_rows()]
+        outcomes[workers] = (rows, report.to_dict() | {"path": None}, q.read_bytes() if q.exists() else b"")
+    (rows0, report0, q0), (rows1, report1, q1) = outcomes[0], outcomes[1]
+    assert rows0 == rows1 and report0 == report1 and q0 == q1
+    assert report0["bad"] >= 1 and len(rows0) == report0["kept"] > 200
+    if kind == "jsonl-max-rows":
+        assert report0["total"] == 333
+
+
+@pytest.mark.ray
+def test_the_controller_gets_the_loop_config_as_an_object_reference(ray_local, run_cfg, monkeypatch):
+    import ray
+
+    from raydpo.engine import launch
+
+    seen = {}
+
+    class FakeTrainer:
+        def __init__(self, fn, train_loop_config, **kwargs):
+            seen.update(config=train_loop_config, datasets=kwargs["datasets"])
+
+        def fit(self):
+            return "fitted"
+
+    monkeypatch.setattr(launch, "TorchTrainer", FakeTrainer)
+    loop_config = {"method": "dpo", "pad_id": 0, "total_steps": 3}
+    assert launch.fit(run_cfg(), loop_config, {}) == "fitted"
+    assert set(seen["config"]) == {"ref"} and isinstance(seen["config"]["ref"], ray.ObjectRef)
+    assert ray.get(seen["config"]["ref"]) == loop_config
+
+
+def test_a_worker_imports_neither_peft_nor_the_state_dict_helpers_unless_the_run_uses_them():
+    heavy = ("peft", "torch.distributed.checkpoint.state_dict")
+    code = (
+        f"import sys, raydpo.engine.worker, raydpo.methods; print([m for m in {heavy!r} if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_pull_ahead_keeps_the_order_and_takes_one_batch_then_runs():
+    import torch
+
+    from raydpo.engine.worker import pull_ahead
+
+    taken = []
+
+    def source(n):
+        for i in range(n):
+            taken.append(i)
+            yield {"x": torch.zeros(4, dtype=torch.int64) + i, "ids": [str(i)]}
+
+    out = pull_ahead(source(10), most=4)
+    first = next(out)
+    assert int(first["x"][0]) == 0 and taken == [0]  # step 1 waits for one batch only
+    second = next(out)
+    assert int(second["x"][0]) == 1 and taken == [0, 1, 2, 3, 4]  # then a run of 4
+    rest = [int(b["x"][0]) for b in out]
+    assert rest == list(range(2, 10)) and taken == list(range(10))
+    small = pull_ahead(source(6), most=64, most_bytes=64)  # each batch holds 32 bytes of tensors
+    next(small)
+    taken.clear()
+    next(small)
+    assert taken == [1, 2]  # the run stops once it holds 64 bytes
