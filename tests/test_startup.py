@@ -101,9 +101,10 @@ def test_driver_and_actor_preparation_give_the_same_dataset_and_quarantine(
 
 
 @pytest.mark.ray
-def test_an_empty_eval_source_gives_an_empty_dataset_on_both_paths(ray_local, tmp_path, tiny_llama_dir):
+def test_an_empty_source_is_refused_the_same_way_on_both_paths(ray_local, tmp_path, tiny_llama_dir):
     from raydpo.config import build_config
     from raydpo.data.pipeline import prepare_dataset
+    from raydpo.errors import DataError
 
     empty = tmp_path / "eval.jsonl"
     empty.write_text("\n\n")  # blank lines are not rows
@@ -111,8 +112,8 @@ def test_an_empty_eval_source_gives_an_empty_dataset_on_both_paths(ray_local, tm
         cfg = build_config({"model": {"policy": str(tiny_llama_dir)},
                             "data": {"source": "builtin:tiny-prefs", "eval_source": str(empty),
                                      "tokenize_workers": workers}})  # fmt: skip
-        good, report = prepare_dataset(cfg, str(empty), tmp_path / f"q{workers}.jsonl")
-        assert (good.count(), report.total, report.bad) == (0, 0, 0)
+        with pytest.raises(DataError, match="eval.jsonl has no rows: every line of the file is blank"):
+            prepare_dataset(cfg, str(empty), tmp_path / f"q{workers}.jsonl")
 
 
 @pytest.mark.ray
