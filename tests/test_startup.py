@@ -31,7 +31,12 @@ def test_tokenize_workers_auto_is_the_driver_for_small_sources_not_streamed(tmp_
     small.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
     assert pipeline.tokenize_workers(_cfg(source=str(small)), streamed=False) == 0
     assert pipeline.tokenize_workers(_cfg(source=str(small)), streamed=True) == 1  # writes parquet as it goes
-    assert pipeline.tokenize_workers(_cfg(source="builtin:tiny-prefs"), streamed=False) == 0
+    # other sources keep the actor under auto: only for one small file are the blocks known to agree
+    assert pipeline.tokenize_workers(_cfg(source="builtin:tiny-prefs"), streamed=False) == 1
+    parquet = tmp_path / "p.parquet"
+    parquet.write_bytes(b"PAR1")
+    assert pipeline.tokenize_workers(_cfg(source=str(parquet)), streamed=False) == 1
+    assert pipeline.tokenize_workers(_cfg(source=str(small), eval_source=str(parquet)), streamed=False) == 1
     assert pipeline.tokenize_workers(_cfg(source=str(small), tokenize_workers=3), streamed=False) == 3
     assert pipeline.tokenize_workers(_cfg(source=str(small), tokenize_workers=0), streamed=True) == 0
     monkeypatch.setattr(pipeline, "DRIVER_AUTO_BYTES", 40)  # the file is 49 bytes
@@ -76,7 +81,8 @@ def test_driver_and_actor_preparation_give_the_same_dataset_and_quarantine(
 ):
     """`data.tokenize_workers` 0 (the driver) against 1 (the Ray Data actor stage) on one source: the
     same rows in the same order (training order depends on it), the same report, the same quarantine
-    file byte for byte."""
+    file byte for byte; for JSON lines (what `auto` sends to the driver) also the same blocks, on
+    which `train_test_split`'s shuffle depends (checked on a held-out share too)."""
     from raydpo.config import build_config
     from raydpo.data.pipeline import prepare_dataset
 
@@ -92,9 +98,14 @@ def test_driver_and_actor_preparation_give_the_same_dataset_and_quarantine(
         good, report = prepare_dataset(cfg, str(source), q)
         plain = lambda v: v.tolist() if hasattr(v, "tolist") else v  # noqa: E731
         rows = [{k: plain(v) for k, v in r.items()} for r in good.iter_rows()]
-        outcomes[workers] = (rows, report.to_dict() | {"path": None}, q.read_bytes() if q.exists() else b"")
-    (rows0, report0, q0), (rows1, report1, q1) = outcomes[0], outcomes[1]
+        blocks = [b.num_rows() for b in good.iter_internal_ref_bundles()]
+        held = [r["id"] for r in good.train_test_split(test_size=0.2, shuffle=True, seed=3)[1].iter_rows()]
+        outcomes[workers] = (rows, report.to_dict() | {"path": None}, q.read_bytes() if q.exists() else b"",
+                             blocks, held)  # fmt: skip
+    (rows0, report0, q0, blocks0, held0), (rows1, report1, q1, blocks1, held1) = outcomes[0], outcomes[1]
     assert rows0 == rows1 and report0 == report1 and q0 == q1
+    if kind != "parquet":
+        assert blocks0 == blocks1 == [len(rows0)] and held0 == held1
     assert report0["bad"] >= 1 and len(rows0) == report0["kept"] > 200
     if kind == "jsonl-max-rows":
         assert report0["total"] == 333

@@ -15,9 +15,10 @@ Bad rows are written to the quarantine file on the driver (their number is bound
 and built-in sources; Parquet is read in parallel blocks without a global index, so `row` is the
 row's id there (null without one). A quarantine line's `raw` is what `raydpo data validate` writes.
 
-A small source (`data.tokenize_workers: auto`: up to DRIVER_AUTO_BYTES, not streamed) skips the actor
-pool: the driver runs the same stage on the same items (`driver_items`) and hands Ray Data the blocks
-(`prepared_rows`), which saves the seconds an actor needs to import torch and load the tokenizer.
+A small JSON-lines source (`data.tokenize_workers: auto`: up to DRIVER_AUTO_BYTES, not streamed)
+skips the actor pool: the driver runs the same stage on the same items (`driver_items`) and hands Ray
+Data the same single block (`prepared_rows`), which saves the seconds an actor needs to import torch
+and load the tokenizer.
 Memory: the readers stream a JSON-lines file line by line, but here `read_binary_files` reads each
 file whole into one block, which `_split_lines` then splits; a file must fit in one worker's memory.
 Without streaming (`data.streaming`) the prepared rows are materialized in Ray's object store. With it
@@ -182,7 +183,9 @@ def preparer(cfg: RunConfig, texts: bool = False, fmt: str | None = None) -> typ
 
 
 STREAM_AUTO_BYTES = 1 << 30  # `data.streaming: auto` streams local sources larger than this
-DRIVER_AUTO_BYTES = 64 << 20  # `data.tokenize_workers: auto` prepares sources up to this in the driver
+DRIVER_AUTO_BYTES = (
+    16 << 20
+)  # `data.tokenize_workers: auto` prepares JSON-lines files up to this in the driver
 
 
 def source_bytes(source: str) -> int:
@@ -203,14 +206,17 @@ def streams(cfg: RunConfig) -> bool:
 
 def tokenize_workers(cfg: RunConfig, streamed: bool) -> int:
     """Actors of the validate + tokenize stage; 0: the driver runs the stage's code itself. `auto`: the
-    driver for a source of up to DRIVER_AUTO_BYTES that is not streamed (an actor that loads torch,
-    transformers and the tokenizer takes seconds to start, longer than a small source takes to
-    tokenize), else one actor."""
+    driver for JSON-lines files of up to DRIVER_AUTO_BYTES in all that are not streamed (an actor that
+    loads torch, transformers and the tokenizer takes seconds to start, longer than a small file takes
+    to tokenize), else one actor. Only there is the driver's Dataset the actor's block for block (one
+    block per file), which keeps order-dependent steps such as `train_test_split` the same."""
     d = cfg.data
     if d.tokenize_workers != "auto":
         return d.tokenize_workers
-    small = sum(source_bytes(s) for s in filter(None, [d.source, d.eval_source])) <= DRIVER_AUTO_BYTES
-    return 0 if small and not streamed else 1
+    sources = [s for s in (d.source, d.eval_source) if s]
+    jsonl = all(not s.startswith("builtin:") and detect_format(s, d.format) == "jsonl" for s in sources)
+    small = sum(source_bytes(s) for s in sources) <= DRIVER_AUTO_BYTES
+    return 0 if jsonl and small and not streamed else 1
 
 
 PREFLIGHT_ROWS = 1000  # preflight reads at most this many rows (or one global batch) of a source
@@ -320,9 +326,10 @@ def prepared_rows(cfg: RunConfig, source: str, texts: bool, fmt: str | None, sto
         from ray.data.block import BlockAccessor
 
         prepare = stage()
-        blocks = [BlockAccessor.batch_to_block(prepare(b)) for b in driver_items(cfg.data, source)]
-        blocks = blocks or [BlockAccessor.batch_to_block(prepare(_columns([])))]  # an empty source
-        ds = ray.data.from_arrow(blocks)
+        tables = [BlockAccessor.batch_to_block(prepare(b)) for b in driver_items(cfg.data, source)]
+        tables = tables or [BlockAccessor.batch_to_block(prepare(_columns([])))]  # an empty source
+        # One block, as the actor stage makes of one small file (Ray Data joins a task's outputs).
+        ds = ray.data.from_arrow(pa.concat_tables(tables, promote_options="permissive"))
         return ds if store is None else store_parquet(ds, store)
     with warnings.catch_warnings():  # the only way to set max_restarts=0 until Ray 2.64 names it
         warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*")
