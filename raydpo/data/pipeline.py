@@ -183,9 +183,8 @@ def preparer(cfg: RunConfig, texts: bool = False, fmt: str | None = None) -> typ
 
 
 STREAM_AUTO_BYTES = 1 << 30  # `data.streaming: auto` streams local sources larger than this
-DRIVER_AUTO_BYTES = (
-    16 << 20
-)  # `data.tokenize_workers: auto` prepares JSON-lines files up to this in the driver
+# `data.tokenize_workers: auto` prepares JSON-lines sources of up to this many bytes in the driver
+DRIVER_AUTO_BYTES = 16 << 20
 
 
 def source_bytes(source: str) -> int:
@@ -206,10 +205,11 @@ def streams(cfg: RunConfig) -> bool:
 
 def tokenize_workers(cfg: RunConfig, streamed: bool) -> int:
     """Actors of the validate + tokenize stage; 0: the driver runs the stage's code itself. `auto`: the
-    driver for JSON-lines files of up to DRIVER_AUTO_BYTES in all that are not streamed (an actor that
-    loads torch, transformers and the tokenizer takes seconds to start, longer than a small file takes
-    to tokenize), else one actor. Only there is the driver's Dataset the actor's block for block (one
-    block per file), which keeps order-dependent steps such as `train_test_split` the same."""
+    driver when every source is a JSON-lines file, together at most DRIVER_AUTO_BYTES, and the run does
+    not stream (an actor that loads torch, transformers and the tokenizer takes seconds to start,
+    longer than a small file takes to tokenize); else one actor. Only for such files is the driver's
+    Dataset the actor's, block for block (one block per small file), which keeps order-dependent steps
+    such as `train_test_split` the same."""
     d = cfg.data
     if d.tokenize_workers != "auto":
         return d.tokenize_workers
@@ -318,8 +318,8 @@ PREPARE_BATCH = 256  # rows per batch of the validate + tokenize stage
 def prepared_rows(cfg: RunConfig, source: str, texts: bool, fmt: str | None, store: Path | None):
     """The validate + tokenize stage's output (columns row, ok, reason, detail, raw, id and the token
     ids): materialized, or with `store` written there and read back as a stream. With
-    `tokenize_workers(cfg)` 0 the driver runs the stage itself into a materialized Dataset, the same
-    blocks the actor would have made (Ray's own batch → block conversion)."""
+    `tokenize_workers(cfg)` 0 the driver runs the stage itself into a materialized Dataset of one block
+    (each batch converted as Ray converts the actor's, `BlockAccessor.batch_to_block`)."""
     workers = tokenize_workers(cfg, store is not None)
     stage = preparer(cfg, texts, fmt)
     if workers == 0:
