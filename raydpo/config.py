@@ -80,7 +80,8 @@ class DataConfig(_Strict):
     max_rows: int | None = Field(None, gt=0)  # read at most this many rows (quick experiments)
     tokenize_workers: int | Literal["auto"] = "auto"  # Ray Data actors that validate and tokenize; 0 = in
     #   the driver process, no actor (small sources: starting an actor that loads the tokenizer costs
-    #   seconds); auto = 0 for JSON-lines files up to 16 MiB that are not streamed, else 1 (data/pipeline.py)
+    #   seconds); auto = 0 for JSON-lines files up to 16 MiB and built-in sets up to 256 rows that are not
+    #   streamed, else 1 (data/pipeline.py)
     streaming: Literal["auto", "on", "off"] = "auto"  # on: tokenized rows go to parquet in the run dir and
     #   stream from there, each worker reading only its shard (Ray Train's split; 1x8 = 2x4 statistically,
     #   not exactly); off: held in Ray's object store, every worker reads every row and keeps its slice of

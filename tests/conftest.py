@@ -1,7 +1,9 @@
 """Shared fixtures: tiny random-init models and tokenizers saved to temp dirs (no network)."""
 
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -12,15 +14,23 @@ TESTS = str(Path(__file__).parent)
 # Ray worker processes import tests/faults.py (their setup hook); they inherit this environment.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [TESTS, os.environ.get("PYTHONPATH")]))
 sys.path.insert(0, TESTS)
-os.environ.setdefault(
-    "RAYDPO_TEST_FAULTS", str(Path(tempfile.mkdtemp(prefix="raydpo-faults-")) / "fault.json")
-)
+
+
+def _session_dir(prefix: str) -> Path:
+    """A temp folder for this test session's shared files, removed when the session's process ends."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+if "RAYDPO_TEST_FAULTS" not in os.environ:
+    os.environ["RAYDPO_TEST_FAULTS"] = str(_session_dir("raydpo-faults-") / "fault.json")
 
 # Ray 2.60 starts a local Ray with token authentication and, when it finds no token, writes a new one
 # to ~/.ray/auth_token. The suite's Ray instances (and the processes they start) read a token file of
 # their own instead, so no test writes the user's ~/.ray.
 if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
-    _token = Path(tempfile.mkdtemp(prefix="raydpo-test-token-")) / "auth_token"
+    _token = _session_dir("raydpo-test-token-") / "auth_token"
     _token.write_text(os.urandom(16).hex())
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(_token)
 

@@ -1,8 +1,9 @@
 """What makes a small run start fast, and the guarantees each shortcut keeps.
 
-- A small source is validated and tokenized by the driver itself (`data.tokenize_workers: auto` → 0):
-  the same Dataset, row for row and in the same order, and the same quarantine file, as the Ray Data
-  actor stage gives (both paths run here on the same files).
+- A small source (a JSON-lines file, a built-in set of one batch) is validated and tokenized by the
+  driver itself (`data.tokenize_workers: auto` → 0): the same Dataset, row for row, block for block
+  and in the same order, and the same quarantine file, as the Ray Data actor stage gives (both paths
+  run here on the same sources).
 - Ray Train's controller gets the loop config as an object reference (`engine.launch.fit`), so it
   never unpickles the Method (which would import torch and transformers there).
 - A Ray Train worker takes Ray Data's batches in runs (`engine.worker.pull_ahead`), in their order.
@@ -31,8 +32,14 @@ def test_tokenize_workers_auto_is_the_driver_for_small_sources_not_streamed(tmp_
     small.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
     assert pipeline.tokenize_workers(_cfg(source=str(small)), streamed=False) == 0
     assert pipeline.tokenize_workers(_cfg(source=str(small)), streamed=True) == 1  # writes parquet as it goes
-    # other sources keep the actor under auto: only for one small file are the blocks known to agree
+    # a built-in set of one batch's rows (64) goes to the driver; more rows, or other sources, keep
+    # the actor under auto: only for these are the blocks known to agree
+    assert pipeline.tokenize_workers(_cfg(source="builtin:tiny-prefs"), streamed=False) == 0
+    assert pipeline.tokenize_workers(_cfg(source="builtin:nope"), streamed=False) == 1
+    monkeypatch.setattr(pipeline, "PREPARE_BATCH", 63)
     assert pipeline.tokenize_workers(_cfg(source="builtin:tiny-prefs"), streamed=False) == 1
+    assert pipeline.tokenize_workers(_cfg(source="builtin:tiny-prefs", max_rows=63), streamed=False) == 0
+    monkeypatch.undo()
     parquet = tmp_path / "p.parquet"
     parquet.write_bytes(b"PAR1")
     assert pipeline.tokenize_workers(_cfg(source=str(parquet)), streamed=False) == 1
@@ -75,7 +82,7 @@ def _parquet(path: Path) -> Path:
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("kind", ["jsonl", "parquet", "jsonl-max-rows"])
+@pytest.mark.parametrize("kind", ["jsonl", "parquet", "jsonl-max-rows", "builtin"])
 def test_driver_and_actor_preparation_give_the_same_dataset_and_quarantine(
     ray_local, tmp_path, tiny_llama_dir, kind
 ):
@@ -86,7 +93,12 @@ def test_driver_and_actor_preparation_give_the_same_dataset_and_quarantine(
     from raydpo.config import build_config
     from raydpo.data.pipeline import prepare_dataset
 
-    source = _parquet(tmp_path / "d.parquet") if kind == "parquet" else _mixed_jsonl(tmp_path / "d.jsonl")
+    if kind == "parquet":
+        source = _parquet(tmp_path / "d.parquet")
+    elif kind == "builtin":
+        source = "builtin:tiny-prefs"
+    else:
+        source = _mixed_jsonl(tmp_path / "d.jsonl")
     data = {"source": str(source), "max_bad_fraction": 0.5, "max_length": 40, "max_prompt_length": 20}
     if kind == "jsonl-max-rows":
         data["max_rows"] = 333  # cuts inside the second batch of 256
@@ -106,6 +118,9 @@ def test_driver_and_actor_preparation_give_the_same_dataset_and_quarantine(
     assert rows0 == rows1 and report0 == report1 and q0 == q1
     if kind != "parquet":
         assert blocks0 == blocks1 == [len(rows0)] and held0 == held1
+    if kind == "builtin":  # 64 good rows, held by Ray in 64 blocks before the stage joins them
+        assert len(rows0) == report0["kept"] == 64 and held0
+        return
     assert report0["bad"] >= 1 and len(rows0) == report0["kept"] > 200
     if kind == "jsonl-max-rows":
         assert report0["total"] == 333

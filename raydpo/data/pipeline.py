@@ -15,10 +15,10 @@ Bad rows are written to the quarantine file on the driver (their number is bound
 and built-in sources; Parquet is read in parallel blocks without a global index, so `row` is the
 row's id there (null without one). A quarantine line's `raw` is what `raydpo data validate` writes.
 
-A small JSON-lines source (`data.tokenize_workers: auto`: up to DRIVER_AUTO_BYTES, not streamed)
-skips the actor pool: the driver runs the same stage on the same items (`driver_items`) and hands Ray
-Data the same single block (`prepared_rows`), which saves the seconds an actor needs to import torch
-and load the tokenizer.
+A small JSON-lines source (`data.tokenize_workers: auto`: up to DRIVER_AUTO_BYTES, not streamed), or
+a built-in one of up to PREPARE_BATCH rows, skips the actor pool: the driver runs the same stage on
+the same items (`driver_items`) and hands Ray Data the same single block (`prepared_rows`), which
+saves the seconds an actor needs to import torch and load the tokenizer.
 Memory: the readers stream a JSON-lines file line by line, but here `read_binary_files` reads each
 file whole into one block, which `_split_lines` then splits; a file must fit in one worker's memory.
 Without streaming (`data.streaming`) the prepared rows are materialized in Ray's object store. With it
@@ -43,7 +43,7 @@ import ray
 from ray.data.expressions import col
 
 from raydpo.config import DataConfig, ModelConfig, RunConfig
-from raydpo.data.readers import Row, UnreadableRow, decode_jsonl_line, detect_format, iter_rows, jsonl_lines
+from raydpo.data.readers import BUILTINS, Row, UnreadableRow, decode_jsonl_line, detect_format, iter_rows, jsonl_lines
 from raydpo.data.schema import CONVERSATIONAL, BadRow, ChatRecord, TextRecord
 from raydpo.data.tokenize import tokenize_pair, tokenize_text
 from raydpo.data.validate import (
@@ -205,18 +205,29 @@ def streams(cfg: RunConfig) -> bool:
 
 def tokenize_workers(cfg: RunConfig, streamed: bool) -> int:
     """Actors of the validate + tokenize stage; 0: the driver runs the stage's code itself. `auto`: the
-    driver when every source is a JSON-lines file, together at most DRIVER_AUTO_BYTES, and the run does
-    not stream (an actor that loads torch, transformers and the tokenizer takes seconds to start,
-    longer than a small file takes to tokenize); else one actor. Only for such files is the driver's
-    Dataset the actor's, block for block (one block per small file), which keeps order-dependent steps
-    such as `train_test_split` the same."""
+    driver when every source is a JSON-lines file (together at most DRIVER_AUTO_BYTES) or a built-in
+    set of at most PREPARE_BATCH rows, and the run does not stream (an actor that loads torch,
+    transformers and the tokenizer takes seconds to start, longer than a small source takes to
+    tokenize); else one actor. Only for such sources is the driver's Dataset the actor's, block for
+    block (the actor makes one block of a small file, and one of a batch of built-in rows), which keeps
+    order-dependent steps such as `train_test_split` the same."""
     d = cfg.data
     if d.tokenize_workers != "auto":
         return d.tokenize_workers
     sources = [s for s in (d.source, d.eval_source) if s]
-    jsonl = all(not s.startswith("builtin:") and detect_format(s, d.format) == "jsonl" for s in sources)
+    one_block = all(_one_block(d, s) for s in sources)
     small = sum(source_bytes(s) for s in sources) <= DRIVER_AUTO_BYTES
-    return 0 if jsonl and small and not streamed else 1
+    return 0 if one_block and small and not streamed else 1
+
+
+def _one_block(d: DataConfig, source: str) -> bool:
+    """Whether the actor stage makes one block of `source`: a JSON-lines file (read whole, one task), or
+    a built-in set that fits one batch of the stage (its rows, however Ray spreads them, join into it)."""
+    if source.startswith("builtin:"):
+        make = BUILTINS.get(source)
+        rows = len(make()) if make else PREPARE_BATCH + 1  # an unknown name: the actor path's error
+        return min(rows, d.max_rows or rows) <= PREPARE_BATCH
+    return detect_format(source, d.format) == "jsonl"
 
 
 PREFLIGHT_ROWS = 1000  # preflight reads at most this many rows (or one global batch) of a source

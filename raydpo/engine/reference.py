@@ -104,19 +104,23 @@ def attach(cfg: RunConfig, datasets: dict, log, workers: int = 1, stream: bool =
         t0 = time.monotonic()
         threads = max(1, int(ray.available_resources().get("CPU", 1)) // max(1, workers))
         rows = 0
-        ctx = ray.data.DataContext.get_current()
-        ordered, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
         for split, ds in datasets.items():
-            scored = ds.map_batches(
-                ScoreReference, fn_constructor_kwargs={"run_config": cfg.model_dump(mode="json"),
-                                                       "threads": threads},
-                compute=ray.data.ActorPoolStrategy(size=workers), batch_size=16, batch_format="numpy",
-                num_cpus=threads,
-            )  # fmt: skip
-            scored.write_parquet(str(tmp / split))
+            # A Dataset runs under the DataContext it was made with (its source's), not the current one:
+            # order is kept by setting it there, for this write only.
+            ctx = ds.context.execution_options
+            ordered, ctx.preserve_order = ctx.preserve_order, True
+            try:
+                scored = ds.map_batches(
+                    ScoreReference, fn_constructor_kwargs={"run_config": cfg.model_dump(mode="json"),
+                                                           "threads": threads},
+                    compute=ray.data.ActorPoolStrategy(size=workers), batch_size=16, batch_format="numpy",
+                    num_cpus=threads,
+                )  # fmt: skip
+                scored.write_parquet(str(tmp / split))
+            finally:
+                ctx.preserve_order = ordered
             rows += ray.data.read_parquet(str(tmp / split)).count()  # the files' metadata: a streamed
             #   `ds` is not read a second time
-        ctx.execution_options.preserve_order = ordered
         (tmp / "done.json").write_text(json.dumps({"key": key, "rows": rows, "splits": sorted(datasets),
                                                    "seconds": round(time.monotonic() - t0, 2)}))  # fmt: skip
         if root.exists():  # a half-written cache of an earlier attempt (no done.json)
