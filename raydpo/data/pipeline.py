@@ -43,7 +43,15 @@ import ray
 from ray.data.expressions import col
 
 from raydpo.config import DataConfig, ModelConfig, RunConfig
-from raydpo.data.readers import BUILTINS, Row, UnreadableRow, decode_jsonl_line, detect_format, iter_rows, jsonl_lines
+from raydpo.data.readers import (
+    BUILTINS,
+    Row,
+    UnreadableRow,
+    decode_jsonl_line,
+    detect_format,
+    iter_rows,
+    jsonl_lines,
+)
 from raydpo.data.schema import CONVERSATIONAL, BadRow, ChatRecord, TextRecord
 from raydpo.data.tokenize import tokenize_pair, tokenize_text
 from raydpo.data.validate import (
