@@ -50,11 +50,14 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait(30)
 
 
-@pytest.fixture
-def env(ray_local, tmp_path):
+def driver_env(ray) -> dict:
     """The environment of a driver that joins the shared test Ray."""
-    address = ray_local.get_runtime_context().gcs_address
-    return {**os.environ, "RAY_ADDRESS": address, "PYTHONUNBUFFERED": "1"}
+    return {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture
+def env(ray_local):
+    return driver_env(ray_local)
 
 
 def train_args(tiny_llama_dir, tmp_path, run_name: str, **extra) -> list[str]:
@@ -77,12 +80,14 @@ def mlflow_steps(tmp_path, run_name: str):
     return runs[0], {m.step: m.value for m in hist}, [m.step for m in hist]
 
 
-@pytest.fixture
-def uninterrupted(tiny_llama_dir, tmp_path, env):
-    r = subprocess.run([sys.executable, "-m", "raydpo", *train_args(tiny_llama_dir, tmp_path, "clean")],
-                       env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_llama_dir, tmp_path_factory, ray_local):
+    """The losses of the run without a fault, by step: the curve each interrupted run must follow."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    r = subprocess.run([sys.executable, "-m", "raydpo", *train_args(tiny_llama_dir, out, "clean")],
+                       env=driver_env(ray_local), capture_output=True, text=True, timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
-    return mlflow_steps(tmp_path, "clean")[1]
+    return mlflow_steps(out, "clean")[1]
 
 
 def test_a_killed_worker_restarts_from_its_checkpoint_on_the_same_curve(tiny_llama_dir, tmp_path, env,

@@ -118,14 +118,22 @@ def _mlflow(tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_six_trial_sweep_nests_runs_in_mlflow(ray_local, tmp_path, tiny_llama_dir):
+def test_six_trial_sweep_nests_runs_in_the_default_store(ray_local, tmp_path, tiny_llama_dir, monkeypatch):
+    """3 losses × 2 β with no tracking settings and a relative output_dir, run from a temporary working
+    directory: the six trials finish (one reference pass for all), each trial's run lies in
+    ./mlflow.db under the parent (Tune runs trials in folders of their own) with a readable name, and
+    every artifact lies inside the working directory."""
+    from mlflow.tracking import MlflowClient
+
     from raydpo.sweep import run_sweep
 
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     space = {"loss.name": {"grid": ["sigmoid", "ipo", "hinge"]}, "loss.beta": {"grid": [0.1, 0.5]}}
     sweep = {"search": space, "metric": "eval/rewards/margins", "mode": "max", "max_concurrent_trials": 2}
     lines: list[str] = []
-    base = _base(tmp_path, tiny_llama_dir)
-    base["train"]["precompute_reference"] = True  # one reference pass for the six trials
+    train = {**BASE["train"], "output_dir": "runs", "precompute_reference": True}  # one reference pass
+    base = {**BASE, "model": {"policy": str(tiny_llama_dir)}, "train": train}
     out = run_sweep(str(write(tmp_path, sweep, base)), log=lines.append)
     assert out["failed"] == 0 and len(out["rows"]) == 6
     assert len([x for x in lines if x.startswith("reference log-probs: computed")]) == 1
@@ -135,15 +143,30 @@ def test_six_trial_sweep_nests_runs_in_mlflow(ray_local, tmp_path, tiny_llama_di
     assert all("loss.name=" in x and "loss.beta=" in x and "eval/rewards/margins" in x for x in finished)
     margins = [r["eval/rewards/margins"] for r in out["rows"]]
     assert margins == sorted(margins, reverse=True)  # sorted by the metric, best first
-    client, parents, children = _mlflow(tmp_path)
+    assert any(x.startswith("best trial ") for x in lines)
+    assert any("mlflow ui --backend-store-uri" in x for x in lines)
+    assert any("/#/experiments/" in x and x.endswith("/runs") for x in lines)
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("raydpo")
+    assert exp.artifact_location.startswith((tmp_path / "mlartifacts").as_uri())
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("raydpo.kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("raydpo.kind") == "trial"]
     assert len(parents) == 1 and len(children) == 6
     assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
     combos = {(c.data.tags["sweep.loss.name"], c.data.tags["sweep.loss.beta"]) for c in children}
     assert combos == {(n, b) for n in ("sigmoid", "ipo", "hinge") for b in ("0.1", "0.5")}
+    names = {f"{n}-b{b}" for n in ("sigmoid", "ipo", "hinge") for b in ("0.1", "0.5")}
+    assert {c.info.run_name for c in children} == names  # named by their swept values
     for c in children:
         assert c.info.status == "FINISHED"
         assert [m.step for m in client.get_metric_history(c.info.run_id, "loss")] == [1, 2, 3, 4]
         assert c.data.params["loss.name"] == c.data.tags["sweep.loss.name"]
+    for r in runs:
+        assert r.info.artifact_uri.startswith(tmp_path.as_uri()), r.info.artifact_uri
+        assert client.list_artifacts(r.info.run_id)
+    assert not list(tmp_path.parent.glob("mlartifacts")) and (tmp_path / "runs" / "s" / "trials").is_dir()
     arts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "summary")}
     assert {"summary/trials.csv", "summary/metric_vs_beta.png", "summary/trials.json"} <= arts
     assert parents[0].data.metrics["best/eval/rewards/margins"] == pytest.approx(margins[0])
@@ -194,42 +217,6 @@ def test_impossible_resources_fail_before_any_trial(ray_local, tmp_path):
     sweep, base = load_sweep(write(tmp_path, {**GOOD, "trial": {"num_workers": 64}}))
     with pytest.raises(UserError, match="each trial needs 64 CPU"):
         check_resources(sweep, base)
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_default_store_holds_every_trial_in_the_working_directory(ray_local, tmp_path, tiny_llama_dir,
-                                                                  monkeypatch):  # fmt: skip
-    """No tracking settings, relative output_dir, run from a temporary working directory: every trial's
-    run is in ./mlflow.db under the parent (Tune runs trials in folders of their own), with readable
-    names, and every artifact lies inside the working directory."""
-    from mlflow.tracking import MlflowClient
-
-    from raydpo.sweep import run_sweep
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    base = {**BASE, "model": {"policy": str(tiny_llama_dir)},
-            "train": {"batch_size": 4, "max_steps": 2, "output_dir": "runs"}}  # fmt: skip
-    sweep = {"search": {"loss.name": {"grid": ["sigmoid", "hinge"]}}, "metric": "loss"}
-    lines: list[str] = []
-    out = run_sweep(str(write(tmp_path, sweep, base)), log=lines.append)
-    assert out["failed"] == 0
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("raydpo")
-    assert exp.artifact_location.startswith((tmp_path / "mlartifacts").as_uri())
-    runs = client.search_runs([exp.experiment_id])
-    (parent,) = [r for r in runs if r.data.tags["raydpo.kind"] == "sweep"]
-    trials = [r for r in runs if r.data.tags["raydpo.kind"] == "trial"]
-    assert len(trials) == 2 and all(t.data.tags["mlflow.parentRunId"] == parent.info.run_id for t in trials)
-    assert sorted(t.info.run_name for t in trials) == ["hinge", "sigmoid"]  # named by their swept values
-    for r in runs:
-        assert r.info.artifact_uri.startswith(tmp_path.as_uri()), r.info.artifact_uri
-        assert client.list_artifacts(r.info.run_id)
-    assert not list(tmp_path.parent.glob("mlartifacts")) and (tmp_path / "runs" / "s" / "trials").is_dir()
-    assert any(x.startswith("best trial ") for x in lines)
-    assert any("mlflow ui --backend-store-uri" in x for x in lines)
-    assert any("/#/experiments/" in x and x.endswith("/runs") for x in lines)
 
 
 def test_metric_names_come_from_the_base_configs_method(tmp_path):
