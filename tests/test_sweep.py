@@ -157,7 +157,7 @@ def test_six_trial_sweep_nests_runs_in_the_default_store(ray_local, tmp_path, ti
     assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
     combos = {(c.data.tags["sweep.loss.name"], c.data.tags["sweep.loss.beta"]) for c in children}
     assert combos == {(n, b) for n in ("sigmoid", "ipo", "hinge") for b in ("0.1", "0.5")}
-    names = {f"{n}-b{b}" for n in ("sigmoid", "ipo", "hinge") for b in ("0.1", "0.5")}
+    names = {f"b{b}-{n}" for n in ("sigmoid", "ipo", "hinge") for b in ("0.1", "0.5")}
     assert {c.info.run_name for c in children} == names  # named by their swept values
     for c in children:
         assert c.info.status == "FINISHED"
