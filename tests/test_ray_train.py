@@ -188,6 +188,26 @@ def test_parquet_source_quarantines_by_id(ray_local, run_cfg, tmp_path):
     assert line["row"] == "broken" and line["reason"] == "identical" and line["raw"]["chosen"] == "same"
 
 
+def test_reference_cache_keeps_row_order_from_an_actor_pool(ray_local, tmp_path):
+    """Two actors finishing batches out of turn still write the cache in row order, and it reads back
+    in that order (the sweep's trials and the run that computed the cache train on the same batches)."""
+    import random
+    import time
+
+    from raydpo.engine.reference import _read, write_in_order
+
+    class Slow:  # a local class: shipped to the actors by value
+        def __call__(self, batch):
+            time.sleep(random.random() * 0.2)
+            return batch
+
+    ds = ray_local.data.range(64, override_num_blocks=8).materialize()
+    write_in_order(ds, tmp_path / "train", Slow, compute=ray_local.data.ActorPoolStrategy(size=2),
+                   batch_size=4, num_cpus=1)  # fmt: skip
+    assert [r["id"] for r in _read(tmp_path / "train").iter_rows()] == list(range(64))
+    assert ds.context.execution_options.preserve_order is False  # restored after the write
+
+
 def test_reference_log_probs_are_computed_once_and_train_the_same(ray_local, run_cfg, tmp_path):
     """`train.precompute_reference`: a Ray Data stage scores the pairs once, a second run with the same
     key reads the cache, and the curve is the one the live reference gives (prefix sharing too)."""

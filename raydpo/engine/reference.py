@@ -105,20 +105,12 @@ def attach(cfg: RunConfig, datasets: dict, log, workers: int = 1, stream: bool =
         threads = max(1, int(ray.available_resources().get("CPU", 1)) // max(1, workers))
         rows = 0
         for split, ds in datasets.items():
-            # A Dataset runs under the DataContext it was made with (its source's), not the current one:
-            # order is kept by setting it there, for this write only.
-            ctx = ds.context.execution_options
-            ordered, ctx.preserve_order = ctx.preserve_order, True
-            try:
-                scored = ds.map_batches(
-                    ScoreReference, fn_constructor_kwargs={"run_config": cfg.model_dump(mode="json"),
-                                                           "threads": threads},
-                    compute=ray.data.ActorPoolStrategy(size=workers), batch_size=16, batch_format="numpy",
-                    num_cpus=threads,
-                )  # fmt: skip
-                scored.write_parquet(str(tmp / split))
-            finally:
-                ctx.preserve_order = ordered
+            write_in_order(
+                ds, tmp / split, ScoreReference,
+                fn_constructor_kwargs={"run_config": cfg.model_dump(mode="json"), "threads": threads},
+                compute=ray.data.ActorPoolStrategy(size=workers), batch_size=16, batch_format="numpy",
+                num_cpus=threads,
+            )  # fmt: skip
             rows += ray.data.read_parquet(str(tmp / split)).count()  # the files' metadata: a streamed
             #   `ds` is not read a second time
         (tmp / "done.json").write_text(json.dumps({"key": key, "rows": rows, "splits": sorted(datasets),
@@ -132,6 +124,19 @@ def attach(cfg: RunConfig, datasets: dict, log, workers: int = 1, stream: bool =
         log(f"reference log-probs: reused from {root}")
     out = {split: _read(root / split, stream) for split in datasets}
     return out, f"{outcome} {key}"
+
+
+def write_in_order(ds, folder: Path, fn, **map_kwargs) -> None:
+    """`ds.map_batches(fn, **map_kwargs)` written as parquet to `folder`, its files named in row order.
+    An actor pool hands back batches as they finish; order is kept by setting `preserve_order` on the
+    DataContext the Dataset was made with (a Dataset runs under that one, not the current one), for
+    this write only."""
+    ctx = ds.context.execution_options
+    ordered, ctx.preserve_order = ctx.preserve_order, True
+    try:
+        ds.map_batches(fn, **map_kwargs).write_parquet(str(folder))
+    finally:
+        ctx.preserve_order = ordered
 
 
 def _read(folder: Path, stream: bool = False):
