@@ -68,6 +68,7 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # as start_ray sets it locally
         ray.init(
             address="local",
             num_cpus=4,

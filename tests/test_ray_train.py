@@ -13,15 +13,36 @@ def losses(summary):
     return [h["loss"] for h in summary["history"]]
 
 
-def test_two_workers_checkpoints_final_model_and_mlflow(ray_local, run_cfg, tmp_path):
+# The settings every curve of this module shares: a quarter of the pairs held out and evaluated every
+# 2 steps (checkpoints and evaluation do not change a curve).
+CURVE = {"train": {"eval_every": 2}, "data": {"eval_fraction": 0.25}}
+_PLAIN: dict = {}
+
+
+def plain_run(run_cfg, tmp_path_factory) -> dict:
+    """The module's plain run, run once for the tests that read it: 2 workers × batch 4, 4 steps,
+    CURVE, checkpoints every 2 steps, tracked in a folder of its own. Its curve is the one that other
+    worker shapes, FSDP, a resumed run and precomputed reference log-probs must follow.
+    Returns the run's summary plus its MLflow `tracking_uri`."""
+    if not _PLAIN:
+        from raydpo.methods import train as run
+
+        home = tmp_path_factory.mktemp("plain-run")
+        uri = f"sqlite:///{home / 'mlflow.db'}"
+        cfg = run_cfg(train={**CURVE["train"], "checkpoint_every": 2, "output_dir": str(home / "runs")},
+                      data=CURVE["data"], tracking={"tracking_uri": uri, "experiment": "t"})  # fmt: skip
+        _PLAIN.update(run(cfg, log=lambda *_: None), tracking_uri=uri)
+    return _PLAIN
+
+
+def test_two_workers_checkpoints_final_model_and_mlflow(ray_local, run_cfg, tmp_path_factory):
+    from pathlib import Path
+
     from mlflow.tracking import MlflowClient
     from transformers import AutoModelForCausalLM
 
-    from raydpo.methods import train as run
-
-    cfg = run_cfg(train={"checkpoint_every": 2, "eval_every": 2}, data={"eval_fraction": 0.25})
-    out = run(cfg, log=lambda *_: None)
-    run_dir = tmp_path / "runs" / "r"
+    out = plain_run(run_cfg, tmp_path_factory)
+    run_dir = Path(out["run_dir"])
     ckpts = [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]
     assert len(ckpts) == 2  # steps 2 and 4 (num_to_keep=2)
     assert all(
@@ -30,7 +51,7 @@ def test_two_workers_checkpoints_final_model_and_mlflow(ray_local, run_cfg, tmp_
     model = AutoModelForCausalLM.from_pretrained(run_dir / "final")
     assert model.config.num_hidden_layers == 2 and (run_dir / "final" / "tokenizer.json").exists()
 
-    client = MlflowClient(tracking_uri=cfg.tracking.tracking_uri)
+    client = MlflowClient(tracking_uri=out["tracking_uri"])
     runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])
     assert len(runs) == 1 and runs[0].info.run_id == out["mlflow_run_id"]
     r = runs[0]
@@ -56,30 +77,20 @@ def test_two_workers_checkpoints_final_model_and_mlflow(ray_local, run_cfg, tmp_
     assert "loss.beta" in r.data.params and not any(k.startswith("ppo.") for k in r.data.params)
 
 
-_TWO_WORKERS: dict = {}
-
-
-def two_workers(run_cfg) -> dict:
-    """The summary of the plain run (2 workers × batch 4, 4 steps, no checkpoints along the way), run
-    once for the module: the curve that other shapes and a resumed run must follow."""
-    if not _TWO_WORKERS:
-        from raydpo.methods import train as run
-
-        _TWO_WORKERS.update(run(run_cfg(run_name="w2", tracking={"enabled": False}), log=lambda *_: None))
-    return _TWO_WORKERS
-
-
-def test_two_workers_batch4_equal_one_worker_batch8(ray_local, run_cfg):
+def test_two_workers_batch4_equal_one_worker_batch8(ray_local, run_cfg, tmp_path_factory):
     from raydpo.methods import train as run
 
-    two = two_workers(run_cfg)
-    one = run(run_cfg(run_name="w1", scaling={"num_workers": 1}, train={"batch_size": 8},
-                      tracking={"enabled": False}), log=lambda *_: None)  # fmt: skip
-    fsdp = run(run_cfg(run_name="fsdp", scaling={"strategy": "fsdp"}, train={"checkpoint_every": 2},
-                       tracking={"enabled": False}), log=lambda *_: None)  # fmt: skip
+    two = plain_run(run_cfg, tmp_path_factory)
+    one = run(run_cfg(run_name="w1", scaling={"num_workers": 1}, train={**CURVE["train"], "batch_size": 8},
+                      data=CURVE["data"], tracking={"enabled": False}), log=lambda *_: None)  # fmt: skip
+    fsdp = run(run_cfg(run_name="fsdp", scaling={"strategy": "fsdp"}, data=CURVE["data"],
+                       train={**CURVE["train"], "checkpoint_every": 2}, tracking={"enabled": False}),
+               log=lambda *_: None)  # fmt: skip
     assert len(losses(two)) == len(losses(one)) == len(losses(fsdp)) == 4
     assert losses(two) == pytest.approx(losses(one), abs=1e-4)
     assert losses(fsdp) == pytest.approx(losses(one), abs=1e-4)  # FSDP2 (fully_shard) on gloo, same curve
+    assert [h["eval/loss"] for h in fsdp["history"] if "eval/loss" in h] == pytest.approx(
+        [h["eval/loss"] for h in two["history"] if "eval/loss" in h], abs=1e-4)  # fmt: skip
     assert losses(two)[-1] < losses(two)[0] - 0.05  # it learns, so the curves are not trivially equal
     from transformers import AutoModelForCausalLM
 
@@ -89,13 +100,14 @@ def test_two_workers_batch4_equal_one_worker_batch8(ray_local, run_cfg):
     assert len(diffs) == len(b.state_dict()) and max(diffs) < 1e-4
 
 
-def test_stopped_run_resumes_same_curve_same_mlflow_run(ray_local, run_cfg, tmp_path, inject_fault):
+def test_stopped_run_resumes_same_curve_same_mlflow_run(ray_local, run_cfg, tmp_path, tmp_path_factory,
+                                                        inject_fault):  # fmt: skip
     from mlflow.tracking import MlflowClient
 
     from raydpo.methods import train as run
 
-    full = two_workers(run_cfg)  # the same run without checkpoints or a fault
-    cfg = run_cfg(run_name="cut", train={"checkpoint_every": 2})
+    full = plain_run(run_cfg, tmp_path_factory)  # the same run without a fault
+    cfg = run_cfg(run_name="cut", train={**CURVE["train"], "checkpoint_every": 2}, data=CURVE["data"])
     inject_fault(3, tmp_path / "fault-fired")
     with pytest.raises(RuntimeError, match="injected fault after step 3"):
         run(cfg, log=lambda *_: None)
@@ -189,40 +201,52 @@ def test_parquet_source_quarantines_by_id(ray_local, run_cfg, tmp_path):
 
 
 def test_reference_cache_keeps_row_order_from_an_actor_pool(ray_local, tmp_path):
-    """Two actors finishing batches out of turn still write the cache in row order, and it reads back
-    in that order (the sweep's trials and the run that computed the cache train on the same batches)."""
+    """Two actors finishing batches out of turn: the cache still reads back in the scored dataset's
+    row order (so a run that computes it, one that reuses it and a live reference train on the same
+    batches), several times over, since the disorder it guards against is by chance."""
     import random
     import time
 
-    from raydpo.engine.reference import _read, write_in_order
+    from raydpo.engine.reference import POSITION, _read, write_in_order
 
     class Slow:  # a local class: shipped to the actors by value
         def __call__(self, batch):
-            time.sleep(random.random() * 0.2)
+            time.sleep(random.random() * 0.1)
             return batch
 
     ds = ray_local.data.range(64, override_num_blocks=8).materialize()
-    write_in_order(ds, tmp_path / "train", Slow, compute=ray_local.data.ActorPoolStrategy(size=2),
-                   batch_size=4, num_cpus=1)  # fmt: skip
-    assert [r["id"] for r in _read(tmp_path / "train").iter_rows()] == list(range(64))
-    assert ds.context.execution_options.preserve_order is False  # restored after the write
+    opts = ds.context.execution_options
+    opts.preserve_order = True  # the order a Ray Train worker iterates `ds` in (launch.fit's DataConfig)
+    seen = [r["id"] for r in ds.iter_rows()]
+    opts.preserve_order = False
+    assert sorted(seen) == list(range(64))
+    for attempt in range(3):
+        write_in_order(ds, tmp_path / str(attempt), Slow, compute=ray_local.data.ActorPoolStrategy(size=2),
+                       batch_size=4, num_cpus=1)  # fmt: skip
+        back = _read(tmp_path / str(attempt))
+        assert [r["id"] for r in back.iter_rows()] == seen and POSITION not in back.schema().names
+    streamed = _read(tmp_path / "0", stream=True)
+    assert POSITION not in streamed.schema().names and sorted(r["id"] for r in streamed.iter_rows()) == list(
+        range(64)
+    )
 
 
-def test_reference_log_probs_are_computed_once_and_train_the_same(ray_local, run_cfg, tmp_path):
+def test_reference_log_probs_are_computed_once_and_train_the_same(
+    ray_local, run_cfg, tmp_path, tmp_path_factory
+):
     """`train.precompute_reference`: a Ray Data stage scores the pairs once, a second run with the same
-    key reads the cache, and the curve is the one the live reference gives (prefix sharing too)."""
+    key reads the cache, and the curve is the plain run's, whose reference is live (prefix sharing too)."""
     import json
 
     from mlflow.tracking import MlflowClient
 
     from raydpo.methods import train as run
 
+    live = plain_run(run_cfg, tmp_path_factory)
     lines: list[str] = []
-    common = {"scaling": {"num_workers": 1}, "data": {"eval_fraction": 0.25}, "train": {"eval_every": 2}}
-    live = run(run_cfg(run_name="live", tracking={"enabled": False}, **common), log=lines.append)
-    pre = {"train": {"eval_every": 2, "precompute_reference": True}}
-    first = run(run_cfg(run_name="pre1", **{**common, **pre}), log=lines.append)
-    again = run(run_cfg(run_name="pre2", **{**common, "train": {**pre["train"], "prefix_sharing": True}}),
+    pre = {**CURVE["train"], "precompute_reference": True}
+    first = run(run_cfg(run_name="pre1", train=pre, data=CURVE["data"]), log=lines.append)
+    again = run(run_cfg(run_name="pre2", train={**pre, "prefix_sharing": True}, data=CURVE["data"]),
                 log=lines.append)  # fmt: skip
     computed = [x for x in lines if x.startswith("reference log-probs: computed")]
     reused = [x for x in lines if x.startswith("reference log-probs: reused")]

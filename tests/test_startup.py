@@ -197,3 +197,29 @@ def test_pull_ahead_keeps_the_order_and_takes_one_batch_then_runs():
     taken.clear()
     next(small)
     assert taken == [1, 2]  # the run stops once it holds 64 bytes
+
+
+def test_a_local_ray_runs_train_without_the_preemption_watcher_and_a_cluster_keeps_it(monkeypatch):
+    """start_ray on one local node turns off Ray Train's preemption watcher (one actor process per run,
+    nothing to preempt); joining a cluster leaves Ray's default, and a user's own setting stands."""
+    import ray
+
+    from raydpo.engine import session
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(session, "quiet_ray", lambda: None)
+    var = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+    for address, preset, want in [(None, None, "0"), (None, "1", "1"), ("127.0.0.1:6379", None, None)]:
+        monkeypatch.delenv(var, raising=False)
+        if preset:
+            monkeypatch.setenv(var, preset)
+        if address:
+            monkeypatch.setenv("RAY_ADDRESS", address)
+            monkeypatch.setattr(session, "check_ray_address", lambda a: None)
+        else:
+            monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        session.start_ray(2)
+        assert __import__("os").environ.get(var) == want, (address, preset)
+    assert [c.get("address") for c in calls] == ["local", "local", None]

@@ -13,8 +13,9 @@ folder renamed into place), so a stage that dies leaves nothing a later run woul
 Assumptions:
 - The reference is frozen: `model.reference`, or the policy's starting weights (also when a LoRA
   adapter is trained: its base is the reference).
-- Row order in the cache is the order of the tokenized dataset (order is preserved), so a run that
-  computes the cache and a run that reuses it train on the same sequence of batches.
+- A materialized dataset is read back from the cache in its own order (each row's position is
+  stored with it), so a run that computes the cache, a run that reuses it and a run with a live
+  reference train on the same sequence of batches. A streamed one has no fixed order to keep.
 """
 
 from __future__ import annotations
@@ -26,8 +27,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 import torch
+from ray.data.dataset import MaterializedDataset
 
 from raydpo.config import RunConfig
 from raydpo.data.tokenize import TokenizedPair, collate, pad_token_id
@@ -36,8 +40,9 @@ from raydpo.models.loading import load_reference, load_tokenizer
 from raydpo.ops.logprobs import pair_logps
 from raydpo.tracking import dataset_digest
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: rows carry their position
 COLUMNS = ("ref_chosen", "ref_rejected")
+POSITION = "_position"  # a row's place in the scored dataset, in the cache files only
 
 
 def _files_digest(h, name: str) -> None:
@@ -127,26 +132,36 @@ def attach(cfg: RunConfig, datasets: dict, log, workers: int = 1, stream: bool =
 
 
 def write_in_order(ds, folder: Path, fn, **map_kwargs) -> None:
-    """`ds.map_batches(fn, **map_kwargs)` written as parquet to `folder`, its files named in row order.
-    An actor pool hands back batches as they finish; order is kept by setting `preserve_order` on the
-    DataContext the Dataset was made with (a Dataset runs under that one, not the current one), for
-    this write only."""
-    ctx = ds.context.execution_options
-    ordered, ctx.preserve_order = ctx.preserve_order, True
-    try:
-        ds.map_batches(fn, **map_kwargs).write_parquet(str(folder))
-    finally:
-        ctx.preserve_order = ordered
+    """`ds.map_batches(fn, **map_kwargs)` written as parquet to `folder`, readable in `ds`'s order by
+    `_read`. An actor pool hands back batches as they finish, and Ray Data's `preserve_order` does not
+    hold through an actor stage and a write (rows of one block came back swapped), so a materialized
+    `ds` gets each row's position as a column (read in the driver, block by block, in the order a
+    training worker iterates it) and `_read` sorts by it. A streamed `ds` is written as it comes: each
+    worker streams its own shard, in no fixed order (docs/architecture.md)."""
+    if isinstance(ds, MaterializedDataset):
+        tables, start = [], 0
+        ctx = ds.context.execution_options  # a Dataset runs under the DataContext it was made with
+        ordered, ctx.preserve_order = ctx.preserve_order, True  # as Ray Train's workers iterate it
+        try:
+            for t in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                tables.append(
+                    t.append_column(POSITION, pa.array(range(start, start + t.num_rows), pa.int64()))
+                )
+                start += t.num_rows
+        finally:
+            ctx.preserve_order = ordered
+        ds = ray.data.from_arrow(tables) if tables else ds
+    ds.map_batches(fn, **map_kwargs).write_parquet(str(folder))
 
 
 def _read(folder: Path, stream: bool = False):
-    """The cached rows in the order they were written (file names sort by write task and block)."""
+    """The cached rows: in the order of the dataset they were scored from (by POSITION, then dropped)
+    and materialized, or (`stream`) as a stream over the parquet files."""
     files = sorted(str(f) for f in folder.glob("*.parquet"))
     if stream:
-        return ray.data.read_parquet(files)
-    ctx = ray.data.DataContext.get_current()
-    ordered, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
-    try:
-        return ray.data.read_parquet(files).materialize()
-    finally:
-        ctx.execution_options.preserve_order = ordered
+        ds = ray.data.read_parquet(files)
+        return ds.drop_columns([POSITION]) if POSITION in ds.schema().names else ds
+    table = pa.concat_tables([pq.read_table(f) for f in files])
+    if POSITION in table.column_names:
+        table = table.sort_by(POSITION).drop_columns([POSITION])
+    return ray.data.from_arrow(table).materialize()
