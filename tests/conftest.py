@@ -68,7 +68,8 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # as start_ray sets it locally
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # as start_ray sets them locally
+        os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
         ray.init(
             address="local",
             num_cpus=4,

@@ -199,9 +199,12 @@ def test_pull_ahead_keeps_the_order_and_takes_one_batch_then_runs():
     assert taken == [1, 2]  # the run stops once it holds 64 bytes
 
 
-def test_a_local_ray_runs_train_without_the_preemption_watcher_and_a_cluster_keeps_it(monkeypatch):
-    """start_ray on one local node turns off Ray Train's preemption watcher (one actor process per run,
-    nothing to preempt); joining a cluster leaves Ray's default, and a user's own setting stands."""
+def test_a_local_ray_starts_fewer_helper_processes_and_a_cluster_keeps_rays_defaults(monkeypatch):
+    """start_ray on one local node turns off Ray Train's preemption watcher (nothing to preempt) and has
+    Ray Data read parquet footers with one actor instead of 32 (each is a process); joining a cluster
+    leaves Ray's defaults, and a user's own setting stands."""
+    import os
+
     import ray
 
     from raydpo.engine import session
@@ -210,16 +213,18 @@ def test_a_local_ray_runs_train_without_the_preemption_watcher_and_a_cluster_kee
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
     monkeypatch.setattr(session, "quiet_ray", lambda: None)
-    var = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
-    for address, preset, want in [(None, None, "0"), (None, "1", "1"), ("127.0.0.1:6379", None, None)]:
-        monkeypatch.delenv(var, raising=False)
-        if preset:
-            monkeypatch.setenv(var, preset)
+    watcher, footers = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+    cases = [(None, None, ("0", "1")), (None, "4", ("4", "4")), ("127.0.0.1:6379", None, (None, None))]
+    for address, preset, want in cases:
+        for var in (watcher, footers):
+            monkeypatch.delenv(var, raising=False)
+            if preset:
+                monkeypatch.setenv(var, preset)
         if address:
             monkeypatch.setenv("RAY_ADDRESS", address)
             monkeypatch.setattr(session, "check_ray_address", lambda a: None)
         else:
             monkeypatch.delenv("RAY_ADDRESS", raising=False)
         session.start_ray(2)
-        assert __import__("os").environ.get(var) == want, (address, preset)
+        assert (os.environ.get(watcher), os.environ.get(footers)) == want, (address, preset)
     assert [c.get("address") for c in calls] == ["local", "local", None]
