@@ -11,7 +11,8 @@ binds 127.0.0.1. Everything lives in one state folder (`--dir`, default `$RAYDPO
     logs/          each process's console
     mlflow.db      the MLflow backend store (SQLite); artifacts in mlartifacts/ or at `--artifacts`
 
-Ray's own temp folders are private (`/tmp/rdp-XXXX/<node>`: Ray's socket paths must stay short).
+Ray's own temp folders are private (mkdtemp's `/tmp/rdp-<random>/<node>`: Ray's socket paths must
+stay short).
 Every process started carries RAYDPO_CLUSTER=<id> in its environment (Ray passes it to its workers).
 `down` stops exactly those: the process groups `up` started, their descendants and any process
 carrying this cluster's id; never `ray stop`, so other Ray clusters on the machine keep running.

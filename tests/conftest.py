@@ -68,8 +68,9 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # as start_ray sets them locally
-        os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+        from raydpo.engine.session import local_ray_env
+
+        local_ray_env()  # what start_ray sets for a local Ray
         ray.init(
             address="local",
             num_cpus=4,

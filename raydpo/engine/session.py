@@ -31,6 +31,18 @@ def check_ray_address(address: str | None, timeout: float = 5.0) -> None:
         ) from None
 
 
+def local_ray_env() -> None:
+    """Settings for a Ray on one machine, started by this process (set before ray.init, so every Ray
+    process inherits them; a user's own values stand):
+    - nothing drains or preempts one local node, and Ray Train's preemption watcher would be one more
+      actor process per run (about 1.7 CPU-seconds, on the path to the first step);
+    - Ray Data's parquet reader starts 32 footer-reading actors per read by default, each a new
+      process: that was most of a small streamed run's time (4 steps, 2 workers: 63 s -> 37 s with one).
+    """
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+
+
 def start_ray(min_cpus: float = 0) -> None:
     """Join RAY_ADDRESS, or start a local Ray on 127.0.0.1 with at least `min_cpus` logical CPUs
     (more slots than cores is fine: workers, data actors and controllers mostly take turns)."""
@@ -42,14 +54,7 @@ def start_ray(min_cpus: float = 0) -> None:
     if not address:
         cpus = int(max(os.cpu_count() or 1, -(-min_cpus // 1)))
         kwargs.update(address="local", num_cpus=cpus, _node_ip_address="127.0.0.1")
-        # One node, started by this process: nothing drains or preempts it, and Ray Train's preemption
-        # watcher would be one more actor process per run (about 1.7 CPU-seconds, on the path to the
-        # first step). Ray Train passes the variable from here to its controller.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        # Ray Data's parquet reader starts 32 footer-reading actors per read by default, each a new
-        # process: on one machine that was most of a streamed run's time (a 4-step streamed 2-worker
-        # run: 63 s -> 37 s with one). Set before ray.init, so every Ray process inherits it.
-        os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+        local_ray_env()
     try:
         ray.init(**kwargs)
     except (ConnectionError, RuntimeError, AuthenticationError) as e:
