@@ -159,6 +159,9 @@ class TrainConfig(_Strict):
     #   supports it (ops.logprobs.supports_shared_prefix), else two rows, said once. Off by default: each
     #   log-prob equals the two-row value within 1e-5, but AdamW's first update amplifies that rounding
     #   (TRL-parity loss after one step: 4e-6 apart instead of 5e-7)
+    packing: bool = False  # with prefix_sharing: several pairs per row, each with its own positions and a
+    #   block-diagonal mask (data.tokenize.collate_shared), rows no wider than the longest pair; less
+    #   padding for batches of uneven lengths; same log-probs within 1e-5
     response_only_logits: bool = True  # run the LM head on scored positions only, in chunks
     group_by_length: bool = False  # batches of pairs of similar length (less padding): each window of 64
     #   global batches of the epoch's seeded order is sorted by length, cut, and its batches shuffled
@@ -184,6 +187,8 @@ class TrainConfig(_Strict):
                 f"batch_size ({self.batch_size}) must be a multiple of "
                 f"grad_accum_steps ({self.grad_accum_steps})"
             )
+        if self.packing and not self.prefix_sharing:
+            raise ValueError("packing packs prefix-sharing rows: set train.prefix_sharing=true as well")
         return self
 
 

@@ -8,8 +8,9 @@ import sys
 import pytest
 
 
-def run(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "raydpo", *args], cwd=cwd, capture_output=True, text=True)
+def run(*args, cwd, env=None):
+    return subprocess.run([sys.executable, "-m", "raydpo", *args], cwd=cwd, capture_output=True, text=True,
+                          env=env)  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -38,7 +39,11 @@ def test_misspelt_key_in_yaml_file(tmp_path):
 GOOD = [{"prompt": f"Review {i}:", "chosen": f" good {i}", "rejected": f" bad {i}"} for i in range(10)]
 
 
-def test_train_keeps_good_rows_and_quarantines_broken_ones(tmp_path):
+@pytest.mark.ray
+def test_train_keeps_good_rows_and_quarantines_broken_ones(tmp_path, ray_local):
+    """The first command starts a local Ray of its own (the only test that trains through one, as a
+    new user's `raydpo train` does); the second joins the tests' Ray (RAY_ADDRESS)."""
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     data = tmp_path / "mixed.jsonl"
     broken = [
         '{"prompt": "x", "chosen": "same", "rejected": "same"}',  # identical
@@ -61,7 +66,7 @@ def test_train_keeps_good_rows_and_quarantines_broken_ones(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "mixed" / "final")  # the exported HF model
     assert model.config.num_hidden_layers == 2 and (tmp_path / "mixed" / "config.yaml").exists()
     stricter = [a.replace("run_name=mixed", "run_name=strict") for a in args[3:]]
-    again = run(*args[:2], "data.max_bad_fraction=0.1", *stricter, cwd=tmp_path)
+    again = run(*args[:2], "data.max_bad_fraction=0.1", *stricter, cwd=tmp_path, env=env)
     assert again.returncode == 2 and "above data.max_bad_fraction=0.1" in again.stderr
 
 

@@ -64,30 +64,38 @@ def train_args(tiny_llama_dir, tmp_path, run_name: str, **extra) -> list[str]:
     over = {"model.policy": tiny_llama_dir, "run_name": run_name, "train.output_dir": tmp_path / "runs",
             "train.max_steps": 8, "train.batch_size": 4, "train.checkpoint_every": 2, "optim.lr": 1e-3,
             "data.max_length": 48, "data.max_prompt_length": 24, "scaling.num_workers": 2,
+            "data.eval_fraction": 0.25, "train.eval_every": 2,  # a resumed run evaluates the same split
             "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment": "f",
             **extra}  # fmt: skip
     return ["train", *(f"{k}={v}" for k, v in over.items())]
 
 
-def mlflow_steps(tmp_path, run_name: str):
+def mlflow_steps(tmp_path, run_name: str, metric: str = "loss"):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("f").experiment_id],
                               filter_string=f"attributes.run_name = '{run_name}'")  # fmt: skip
     assert len(runs) == 1, [r.info.run_name for r in runs]
-    hist = client.get_metric_history(runs[0].info.run_id, "loss")
+    hist = client.get_metric_history(runs[0].info.run_id, metric)
     return runs[0], {m.step: m.value for m in hist}, [m.step for m in hist]
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_llama_dir, tmp_path_factory, ray_local):
-    """The losses of the run without a fault, by step: the curve each interrupted run must follow."""
+    """The losses of the run without a fault, by step: the curve each interrupted run must follow
+    (its eval losses: `uninterrupted.eval`)."""
     out = tmp_path_factory.mktemp("uninterrupted")
     r = subprocess.run([sys.executable, "-m", "raydpo", *train_args(tiny_llama_dir, out, "clean")],
                        env=driver_env(ray_local), capture_output=True, text=True, timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
-    return mlflow_steps(out, "clean")[1]
+    curve = Curve(mlflow_steps(out, "clean")[1])
+    curve.eval = mlflow_steps(out, "clean", "eval/loss")[1]
+    return curve
+
+
+class Curve(dict):
+    eval: dict
 
 
 def test_a_killed_worker_restarts_from_its_checkpoint_on_the_same_curve(tiny_llama_dir, tmp_path, env,
@@ -128,6 +136,10 @@ def test_a_killed_driver_run_again_resumes_the_same_run(tiny_llama_dir, tmp_path
     assert [losses[s] for s in range(1, 9)] == pytest.approx(
         [uninterrupted[s] for s in range(1, 9)], abs=1e-5
     )
+    _, evals, eval_steps = mlflow_steps(tmp_path, "d", "eval/loss")
+    assert sorted(eval_steps) == sorted(uninterrupted.eval) == [0, 2, 4, 6, 8]  # each eval once
+    want = [uninterrupted.eval[s] for s in eval_steps]
+    assert [evals[s] for s in eval_steps] == pytest.approx(want, abs=1e-5)
 
 
 def test_a_killed_sweep_driver_resumes_without_rerunning_finished_trials(tiny_llama_dir, tmp_path, env):

@@ -1,12 +1,14 @@
 """Compute savers give `sequence_logps`'s numbers: prefix sharing (`collate_shared` +
-`shared_prefix_logps`) and response-only logits (`response_only_logps`), on tiny random-init models
-in float32, values and gradients to 1e-5."""
+`shared_prefix_logps`), packing several pairs per row (`collate_shared(pack=True)`) and
+response-only logits (`response_only_logps`), on tiny random-init models in float32, values and
+gradients to 1e-5."""
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, BloomConfig, MistralConfig, Qwen3Config
 
-from raydpo.data.tokenize import IGNORE_INDEX, TokenizedPair, collate, collate_shared
+from raydpo.data.tokenize import IGNORE_INDEX, TokenizedPair, collate, collate_shared, pack_rows
+from raydpo.engine.step import split_batch
 from raydpo.models.tiny import build_model, build_tokenizer
 from raydpo.ops.logprobs import (
     response_only_logps,
@@ -193,6 +195,90 @@ def test_sliding_window_longer_than_the_sequence_is_refused(toks):
         shared_prefix_logps(model, collate_shared(make_pairs(model.config.vocab_size), pad_id=0))
 
 
+# --- packing -------------------------------------------------------------------------------------
+# totals p + c + r: 17, 6, 6, 10, 5 → rows of at most 17 tokens: [17], [10, 6], [6, 5]
+PACKED_SHAPES = [(9, 4, 4), (2, 3, 1), (3, 1, 2), (5, 2, 3), (1, 2, 2)]
+
+
+def test_pack_rows_is_first_fit_decreasing_within_groups():
+    assert pack_rows([17, 6, 6, 10, 5], 17) == [[0], [1, 3], [2, 4]]
+    assert pack_rows([4, 4, 4, 4], 8, groups=2) == [[0, 1], [2, 3]]  # never a row across groups
+    assert pack_rows([3, 9, 2], 5) == [[1], [0, 2]]  # an item over the capacity gets its own row
+    with pytest.raises(ValueError, match="3 items do not split into 2"):
+        pack_rows([1, 2, 3], 8, groups=2)
+
+
+def test_packed_layout():
+    """[1 2 | 3 | 4] (4 tokens) and [5 | 6 7 | 8] (4) share one row of 8; [9 8 7 | 6 | 5 4 3 2] (8)
+    has its own."""
+    pairs = [TokenizedPair([1, 2], [3], [4]), TokenizedPair([9, 8, 7], [6], [5, 4, 3, 2]),
+             TokenizedPair([5], [6, 7], [8])]  # fmt: skip
+    b = collate_shared(pairs, pad_id=0, pack=True)
+    assert b["pair_row"].tolist() == [1, 0, 1]
+    assert b["input_ids"].tolist() == [[9, 8, 7, 6, 5, 4, 3, 2], [1, 2, 3, 4, 5, 6, 7, 8]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 3, 4, 5, 6], [0, 1, 2, 2, 0, 1, 2, 1]]
+    assert b["chosen_src"].tolist() == [[1, 0, 0, 0], [2, 0, 0, 0], [4, 5, 0, 0]]  # within the row
+    assert b["rejected_src"].tolist() == [[1, 0, 0, 0], [2, 4, 5, 6], [4, 0, 0, 0]]
+    m = b["attention_mask_4d"].int()
+    assert m.shape == (2, 1, 8, 8)
+    assert m[1, 0].tolist() == [
+        [1, 0, 0, 0, 0, 0, 0, 0],  # pair 0: prompt
+        [1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0],  # chosen
+        [1, 1, 0, 1, 0, 0, 0, 0],  # rejected: the prompt and itself
+        [0, 0, 0, 0, 1, 0, 0, 0],  # pair 2 sees nothing of pair 0
+        [0, 0, 0, 0, 1, 1, 0, 0],
+        [0, 0, 0, 0, 1, 1, 1, 0],
+        [0, 0, 0, 0, 1, 0, 0, 1],
+    ]
+    unpacked = collate_shared(pairs, pad_id=0)
+    assert b["attention_mask"].sum() == unpacked["attention_mask"].sum() == 16  # the same real tokens
+    assert b["input_ids"].numel() == 16 < unpacked["input_ids"].numel() == 24  # less padding
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "mistral", "qwen3"])
+def test_packed_rows_equal_two_rows(toks, family, attn):
+    model = make_model(toks, family, attn)
+    pairs = make_pairs(model.config.vocab_size, PACKED_SHAPES)
+    batch = collate_shared(pairs, pad_id=0, pack=True)
+    assert batch["input_ids"].shape == (3, 17)
+    with torch.no_grad():
+        want = two_rows(model, pairs)
+        assert_same(shared_prefix_logps(model, batch), want)
+        assert_same(shared_prefix_logps(model, batch, response_only=True, chunk=5), want)
+        # negative control: if a pair could see the pair packed before it, its log-probs move
+        real = batch["attention_mask"].bool()
+        causal = torch.ones(real.shape[1], real.shape[1], dtype=torch.bool).tril()
+        leak = real[:, None, :, None] & real[:, None, None, :] & causal
+        leaky = dict(batch, attention_mask_4d=batch["attention_mask_4d"] | leak)
+        chosen, _ = shared_prefix_logps(model, leaky)
+    assert (chosen.sum - want[0].sum).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("response_only", [False, True])
+def test_packed_gradients_and_micro_batches_equal_two_rows(toks, response_only):
+    """Gradients through packed rows; and a batch packed for 2 accumulation micro-batches splits
+    (engine.step.split_batch) into micro-batches that each give their pairs' two-row values."""
+    model = make_model(toks, "llama", "sdpa")
+    pairs = make_pairs(model.config.vocab_size, PACKED_SHAPES + [(2, 2, 2)])
+    want_c, want_r = two_rows(model, pairs)
+    batch = collate_shared(pairs, pad_id=0, pack=True)
+    got_c, got_r = shared_prefix_logps(model, batch, response_only, chunk=4)
+    want = grads(model, want_c.sum.sum() - 0.5 * want_r.mean.sum())
+    got = grads(model, got_c.sum.sum() - 0.5 * got_r.mean.sum())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **TOL)
+    micro = split_batch(collate_shared(pairs, pad_id=0, pack=True, groups=2), 2)
+    assert [len(m["chosen_mask"]) for m in micro] == [3, 3]
+    with torch.no_grad():
+        for k, mb in enumerate(micro):
+            part = slice(3 * k, 3 * k + 3)
+            got_k = shared_prefix_logps(model, mb, response_only, chunk=4)
+            want_k = [type(w)(*(x[part] for x in w)) for w in (want_c, want_r)]
+            assert_same(got_k, want_k)
+
+
 # --- response-only logits ------------------------------------------------------------------------
 
 
@@ -315,19 +401,28 @@ def _dpo_history(model_dir, tmp_path, **train):
     texts = [
         ("Review of Heat:", " a great film.", " dull."),
         ("Review of Up, a film:", " superb.", " awful plot."),
-        ("Jaws:", " a brilliant story, I loved it.", " terrible."),
+        (
+            "Jaws:",
+            " a brilliant story, I loved it: the shark, the sea, the score, the three men in a boat.",
+            " terrible.",
+        ),  # long enough for the others to share rows under train.packing
         ("Alien:", " moving.", " boring."),
     ]
     recs = [PreferenceRecord(prompt=p, chosen=c, rejected=r) for p, c, r in texts]
-    return train_local(cfg, DPO, [tokenize_pair(r, tok, 512, 256) for r in recs], pad_token_id(tok))
+    pairs = [tokenize_pair(r, tok, 512, 256) for r in recs]
+    if train.get("packing"):  # the data packs: 4 pairs in fewer rows (in each micro-batch of 2 as well)
+        groups = train.get("grad_accum_steps", 1)
+        assert len(collate_shared(pairs, pad_token_id(tok), pack=True, groups=groups)["input_ids"]) < 4
+    return train_local(cfg, DPO, pairs, pad_token_id(tok))
 
 
-@pytest.mark.parametrize("accum", [1, 2])
-def test_dpo_trains_the_same_with_prefix_sharing(tiny_llama_dir, tmp_path, accum):
-    """`train.prefix_sharing` and `train.response_only_logits` change the arithmetic, not the run."""
+@pytest.mark.parametrize("accum,packing", [(1, False), (2, False), (1, True), (2, True)])
+def test_dpo_trains_the_same_with_prefix_sharing(tiny_llama_dir, tmp_path, accum, packing):
+    """`train.prefix_sharing`, `train.packing` and `train.response_only_logits` change the arithmetic,
+    not the run."""
     base = _dpo_history(tiny_llama_dir, tmp_path, prefix_sharing=False, response_only_logits=False)
     fast = _dpo_history(tiny_llama_dir, tmp_path, prefix_sharing=True, response_only_logits=True,
-                        grad_accum_steps=accum)  # fmt: skip
+                        grad_accum_steps=accum, packing=packing)  # fmt: skip
     for b, f in zip(base, fast):
         for k in ("loss", "logps/chosen", "logps/rejected", "rewards/margins", "grad_norm"):
             assert f[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
@@ -350,6 +445,9 @@ def test_the_trainer_falls_back_to_two_rows_and_says_why(capsys):
     llama = build_model(build_tokenizer("llama"), arch="llama")
     assert trainer.batch_layout(llama, None) == "shared"
     assert trainer.batch_layout(llama, bloom) == "pairs"  # the reference must take it too
+    trainer.cfg = build_config({"model": {"policy": "x"}, "train": {"prefix_sharing": True, "packing": True}})
+    assert trainer.batch_layout(llama, None) == "packed"
+    assert trainer.batch_layout(bloom, None) == "pairs"  # packing rides on prefix sharing's fallback
     off = build_config({"model": {"policy": "x"}, "train": {"prefix_sharing": False}})
     trainer.cfg = off
     assert trainer.batch_layout(llama, None) == "pairs"

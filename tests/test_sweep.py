@@ -1,4 +1,5 @@
-"""Sweeps: validation before any trial, a 3 × 2 sweep on Ray Tune with nested MLflow runs, resume."""
+"""Sweeps: validation before any trial, a 2 × 2 sweep on Ray Tune with nested MLflow runs, a failed
+trial resumed."""
 
 import subprocess
 import sys
@@ -97,33 +98,19 @@ BASE = {
 }
 
 
-def _base(tmp_path, model_dir):
-    return {
-        **BASE,
-        "model": {"policy": str(model_dir)},
-        "train": {**BASE["train"], "output_dir": str(tmp_path / "o")},
-        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'm.db'}", "experiment": "sw"},
-    }
-
-
-def _mlflow(tmp_path):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("sw").experiment_id])
-    parents = [r for r in runs if r.data.tags.get("raydpo.kind") == "sweep"]
-    children = [r for r in runs if r.data.tags.get("raydpo.kind") == "trial"]
-    return client, parents, children
-
-
 @pytest.mark.ray
 @pytest.mark.slow
-def test_four_trial_sweep_nests_runs_in_the_default_store(ray_local, tmp_path, tiny_llama_dir, monkeypatch):
+def test_four_trial_sweep_in_the_default_store_resumes_its_failed_trial(
+    ray_local, tmp_path, tiny_llama_dir, monkeypatch, inject_fault
+):
     """2 losses × 2 β with no tracking settings and a relative output_dir, run from a temporary working
-    directory, two at a time (the demo's sweep covers the third loss): the four trials finish (one
-    reference pass for all), each trial's run lies in ./mlflow.db under the parent (Tune runs trials
-    in folders of their own) with a readable name, and every artifact lies inside the working
-    directory."""
+    directory, two at a time (the demo's sweep covers the third loss). One trial dies after step 3
+    (its checkpoint is at step 2): the sweep reports it failed, refuses to run again without
+    --resume, and the resumed sweep finishes it from its checkpoint without running the three
+    finished trials again or logging a step twice. One reference pass serves every trial, the
+    resumed one included (the cache). Each trial's run lies in ./mlflow.db under the parent (Tune
+    runs trials in folders of their own) with a readable name, and every artifact lies inside the
+    working directory."""
     from mlflow.tracking import MlflowClient
 
     from raydpo.sweep import run_sweep
@@ -132,24 +119,37 @@ def test_four_trial_sweep_nests_runs_in_the_default_store(ray_local, tmp_path, t
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     space = {"loss.name": {"grid": ["sigmoid", "ipo"]}, "loss.beta": {"grid": [0.1, 0.5]}}
     sweep = {"search": space, "metric": "eval/rewards/margins", "mode": "max", "max_concurrent_trials": 2}
-    lines: list[str] = []
     train = {**BASE["train"], "output_dir": "runs", "precompute_reference": True}  # one reference pass
-    base = {**BASE, "model": {"policy": str(tiny_llama_dir)}, "train": train}
-    out = run_sweep(str(write(tmp_path, sweep, base)), log=lines.append)
-    assert out["failed"] == 0 and len(out["rows"]) == 4
+    path = str(write(tmp_path, sweep, {**BASE, "model": {"policy": str(tiny_llama_dir)}, "train": train}))
+    inject_fault(3, tmp_path / "fired")
+    lines: list[str] = []
+    first = run_sweep(path, log=lines.append)
+    assert first["failed"] == 1 and (tmp_path / "fired").exists()
     assert len([x for x in lines if x.startswith("reference log-probs: computed")]) == 1
     assert not [x for x in lines if x.startswith("reference log-probs: reused")]  # the trials had it
-    finished = [x for x in lines if " finished: " in x]  # one progress line per trial as it ends
-    assert len(finished) == 4 and finished[-1].startswith("trial 4/4 finished: ")
+    ended = [x for x in lines if " finished: " in x or " FAILED: " in x]  # one line per trial as it ends
+    assert len(ended) == 4 and ended[-1].startswith("trial 4/4 ")
+    assert len([x for x in ended if " FAILED: " in x]) == 1
+    finished = [x for x in ended if " finished: " in x]
     assert all("loss.name=" in x and "loss.beta=" in x and "eval/rewards/margins" in x for x in finished)
-    margins = [r["eval/rewards/margins"] for r in out["rows"]]
-    assert margins == sorted(margins, reverse=True)  # sorted by the metric, best first
-    assert any(x.startswith("best trial ") for x in lines)
-    assert any("mlflow ui --backend-store-uri" in x for x in lines)
-    assert any("/#/experiments/" in x and x.endswith("/runs") for x in lines)
-
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("raydpo")
+    done = {r.info.run_id: r.info.end_time for r in client.search_runs([exp.experiment_id])
+            if r.data.tags.get("raydpo.kind") == "trial" and r.info.status == "FINISHED"}  # fmt: skip
+    assert len(done) == 3
+    with pytest.raises(Exception, match="pass --resume"):
+        run_sweep(path, log=lambda *_: None)
+
+    more: list[str] = []
+    out = run_sweep(path, resume=True, log=more.append)
+    assert out["failed"] == 0 and len(out["rows"]) == 4
+    assert not [x for x in more if x.startswith("reference log-probs: computed")]  # read from the cache
+    margins = [r["eval/rewards/margins"] for r in out["rows"]]
+    assert margins == sorted(margins, reverse=True)  # sorted by the metric, best first
+    assert any(x.startswith("best trial ") for x in more)
+    assert any("mlflow ui --backend-store-uri" in x for x in lines + more)
+    assert any("/#/experiments/" in x and x.endswith("/runs") for x in more)
+
     assert exp.artifact_location.startswith((tmp_path / "mlartifacts").as_uri())
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("raydpo.kind") == "sweep"]
@@ -164,6 +164,8 @@ def test_four_trial_sweep_nests_runs_in_the_default_store(ray_local, tmp_path, t
         assert c.info.status == "FINISHED"
         assert [m.step for m in client.get_metric_history(c.info.run_id, "loss")] == [1, 2, 3, 4]
         assert c.data.params["loss.name"] == c.data.tags["sweep.loss.name"]
+        if c.info.run_id in done:
+            assert c.info.end_time == done[c.info.run_id]  # a finished trial did not run again
     for r in runs:
         assert r.info.artifact_uri.startswith(tmp_path.as_uri()), r.info.artifact_uri
         assert client.list_artifacts(r.info.run_id)
@@ -171,32 +173,6 @@ def test_four_trial_sweep_nests_runs_in_the_default_store(ray_local, tmp_path, t
     arts = {a.path for a in client.list_artifacts(parents[0].info.run_id, "summary")}
     assert {"summary/trials.csv", "summary/metric_vs_beta.png", "summary/trials.json"} <= arts
     assert parents[0].data.metrics["best/eval/rewards/margins"] == pytest.approx(margins[0])
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_interrupted_sweep_resumes_without_duplicates(ray_local, tmp_path, tiny_llama_dir, inject_fault):
-    from raydpo.sweep import run_sweep
-
-    path = write(
-        tmp_path, {"search": {"loss.name": {"grid": ["sigmoid", "hinge"]}}}, _base(tmp_path, tiny_llama_dir)
-    )
-    inject_fault(3, tmp_path / "fired")
-    first = run_sweep(str(path), log=lambda *_: None)
-    assert first["failed"] == 1  # one trial died after step 3 (its checkpoint is at step 2)
-    client, _, children = _mlflow(tmp_path)
-    done = [c for c in children if c.info.status == "FINISHED"]
-    assert len(done) == 1
-    with pytest.raises(Exception, match="pass --resume"):
-        run_sweep(str(path), log=lambda *_: None)
-    second = run_sweep(str(path), resume=True, log=lambda *_: None)
-    assert second["failed"] == 0 and len(second["rows"]) == 2
-    client, parents, children = _mlflow(tmp_path)
-    assert len(parents) == 1 and len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
-    again = next(c for c in children if c.info.run_id == done[0].info.run_id)
-    assert again.info.end_time == done[0].info.end_time  # the finished trial did not run again
-    for c in children:
-        assert [m.step for m in client.get_metric_history(c.info.run_id, "loss")] == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize(

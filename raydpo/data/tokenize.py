@@ -128,9 +128,35 @@ def pad_token_id(tokenizer) -> int:
     return pid
 
 
+def pack_rows(lengths: list[int], capacity: int, groups: int = 1) -> list[list[int]]:
+    """Rows of item indices, first-fit decreasing: each row's lengths sum to at most `capacity` (an
+    item longer than that gets a row of its own). With `groups`, the items split into that many equal
+    consecutive groups (gradient-accumulation micro-batches) and no row mixes two; the rows of group g
+    come before those of g + 1. Deterministic: ties keep the items' order."""
+    n = len(lengths)
+    if groups < 1 or n % groups:
+        raise ValueError(f"{n} items do not split into {groups} equal groups")
+    size, rows = n // groups, []
+    for g in range(groups):
+        ids = sorted(range(g * size, (g + 1) * size), key=lambda i: -lengths[i])
+        mine: list[list[int]] = []
+        room: list[int] = []
+        for i in ids:
+            r = next((r for r, left in enumerate(room) if lengths[i] <= left), None)
+            if r is None:
+                mine.append([i])
+                room.append(capacity - lengths[i])
+            else:
+                mine[r].append(i)
+                room[r] -= lengths[i]
+        rows += [sorted(r) for r in mine]
+    return rows
+
+
 def collate_shared(
-    pairs: list[TokenizedPair], pad_id: int, pad_to_multiple_of: int | None = None
-) -> dict[str, torch.Tensor]:
+    pairs: list[TokenizedPair], pad_id: int, pad_to_multiple_of: int | None = None, pack: bool = False,
+    groups: int = 1,
+) -> dict[str, torch.Tensor]:  # fmt: skip
     """Prefix sharing: one right-padded row `[prompt; chosen; rejected]` per pair, so the prompt runs once.
 
     With p, c, r the lengths of one pair's prompt, chosen and rejected ids, its row holds p + c + r
@@ -163,60 +189,82 @@ def collate_shared(
         rejected_tgt       (B, R) long   rejected token j; pad_id past r
         rejected_mask      (B, R) bool   j < r
 
+        pair_row           (B,)   long   the row that holds each pair (here: its own, 0 … B - 1)
+
+    Packing (`pack`, `train.packing`): several pairs share a row, each a segment `[prompt; chosen;
+    rejected]` with its own positions (restarting at 0) and a block-diagonal mask (no token sees
+    another pair's), so the rows hold less padding. The row width stays the longest pair's (`pack_rows`
+    with that capacity): no attention row gets longer than unpacked. Then the row tensors have N <= B
+    rows, `pair_row` says which, and `*_src` index positions within that row. With `groups`, the
+    pairs of each of that many consecutive micro-batches are packed apart (`engine.step.split_batch`).
+
     `ops.logprobs.shared_prefix_logps` consumes this. Every prompt must be non-empty (nothing
     would predict the first response token).
     """
     if any(not p.prompt_ids for p in pairs):
         raise ValueError("collate_shared needs a non-empty prompt in every pair")
     lengths = [(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
-    width = max(a + b + c for a, b, c in lengths)
+    totals = [a + b + c for a, b, c in lengths]
+    n = len(pairs)
+    rows = pack_rows(totals, max(totals), groups) if pack else [[i] for i in range(n)]
+    width = max(sum(totals[i] for i in row) for row in rows)
     if pad_to_multiple_of:
         width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
     resp = max(max(c, r) for _, c, r in lengths)
-    n = len(pairs)
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long)  # (B, T)
-    attention_mask = torch.zeros((n, width), dtype=torch.long)  # (B, T)
-    position_ids = torch.zeros((n, width), dtype=torch.long)  # (B, T)
-    mask4 = torch.zeros((n, 1, width, width), dtype=torch.bool)  # (B, 1, T, T)
-    labels = {k: torch.full((n, width), IGNORE_INDEX, dtype=torch.long) for k in ("chosen", "rejected")}
+    m = len(rows)
+    input_ids = torch.full((m, width), pad_id, dtype=torch.long)  # (N, T)
+    attention_mask = torch.zeros((m, width), dtype=torch.long)  # (N, T)
+    position_ids = torch.zeros((m, width), dtype=torch.long)  # (N, T)
+    mask4 = torch.zeros((m, 1, width, width), dtype=torch.bool)  # (N, 1, T, T)
+    labels = {k: torch.full((m, width), IGNORE_INDEX, dtype=torch.long) for k in ("chosen", "rejected")}
     src = {k: torch.zeros((n, resp), dtype=torch.long) for k in ("chosen", "rejected")}  # (B, R)
     tgt = {k: torch.full((n, resp), pad_id, dtype=torch.long) for k in ("chosen", "rejected")}
     valid = {k: torch.zeros((n, resp), dtype=torch.bool) for k in ("chosen", "rejected")}
+    pair_row = torch.zeros(n, dtype=torch.long)  # (B,)
     causal = torch.ones((width, width), dtype=torch.bool).tril()  # (T, T)
-    for i, (pair, (p, c, r)) in enumerate(zip(pairs, lengths)):
-        total = p + c + r
-        input_ids[i, :total] = torch.tensor(pair.prompt_ids + pair.chosen_ids + pair.rejected_ids)
-        attention_mask[i, :total] = 1
-        position_ids[i, : p + c] = torch.arange(p + c)
-        position_ids[i, p + c : total] = torch.arange(p, p + r)
-        m = causal[:total, :total].clone()
-        m[p + c :, p : p + c] = False  # rejected never sees chosen
-        mask4[i, 0, :total, :total] = m
-        pad = torch.arange(total, width)
-        mask4[i, 0, pad, pad] = True  # padding sees only itself
-        labels["chosen"][i, p : p + c] = input_ids[i, p : p + c]
-        labels["rejected"][i, p + c : total] = input_ids[i, p + c : total]
-        src["chosen"][i, :c] = torch.arange(p - 1, p - 1 + c)
-        src["rejected"][i, :r] = torch.tensor(([p - 1] + list(range(p + c, total - 1)))[:r], dtype=torch.long)
-        tgt["chosen"][i, :c] = torch.tensor(pair.chosen_ids)
-        tgt["rejected"][i, :r] = torch.tensor(pair.rejected_ids)
-        valid["chosen"][i, :c] = True
-        valid["rejected"][i, :r] = True
+    for row, members in enumerate(rows):
+        o = 0  # the segment's offset in the row
+        for i in members:
+            pair, (p, c, r), total = pairs[i], lengths[i], totals[i]
+            seg = slice(o, o + total)
+            input_ids[row, seg] = torch.tensor(pair.prompt_ids + pair.chosen_ids + pair.rejected_ids)
+            attention_mask[row, seg] = 1
+            position_ids[row, o : o + p + c] = torch.arange(p + c)
+            position_ids[row, o + p + c : o + total] = torch.arange(p, p + r)
+            block = causal[:total, :total].clone()
+            block[p + c :, p : p + c] = False  # rejected never sees chosen
+            mask4[row, 0, seg, seg] = block
+            labels["chosen"][row, o + p : o + p + c] = input_ids[row, o + p : o + p + c]
+            labels["rejected"][row, o + p + c : o + total] = input_ids[row, o + p + c : o + total]
+            src["chosen"][i, :c] = torch.arange(o + p - 1, o + p - 1 + c)
+            rejected_src = [o + p - 1] + list(range(o + p + c, o + total - 1))
+            src["rejected"][i, :r] = torch.tensor(rejected_src[:r], dtype=torch.long)
+            tgt["chosen"][i, :c] = torch.tensor(pair.chosen_ids)
+            tgt["rejected"][i, :r] = torch.tensor(pair.rejected_ids)
+            valid["chosen"][i, :c] = True
+            valid["rejected"][i, :r] = True
+            pair_row[i] = row
+            o += total
+        pad = torch.arange(o, width)
+        mask4[row, 0, pad, pad] = True  # padding sees only itself
     out = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-           "attention_mask_4d": mask4}  # fmt: skip
+           "attention_mask_4d": mask4, "pair_row": pair_row}  # fmt: skip
     for k in ("chosen", "rejected"):
         out |= {f"{k}_labels": labels[k], f"{k}_src": src[k], f"{k}_tgt": tgt[k], f"{k}_mask": valid[k]}
     return out
 
 
-Layout = Literal["pairs", "texts", "shared"]
+Layout = Literal["pairs", "texts", "shared", "packed"]
 
 
-def collate_batch(pairs: list[TokenizedPair], pad_id: int, layout: Layout) -> dict[str, torch.Tensor]:
+def collate_batch(
+    pairs: list[TokenizedPair], pad_id: int, layout: Layout, groups: int = 1
+) -> dict[str, torch.Tensor]:
     """The engine's one collate: `pairs` → `collate`'s 2B rows, `texts` → its B chosen rows, `shared`
-    → `collate_shared`'s B rows. A `shared` batch holding a pair with an empty prompt (nothing would
-    predict its first response token) is collated as `pairs` instead; consumers tell the two apart
-    by the `chosen_src` key."""
-    if layout == "shared" and all(p.prompt_ids for p in pairs):
-        return collate_shared(pairs, pad_id)
+    → `collate_shared`'s B rows, `packed` → `collate_shared`'s packed rows (`groups`: the micro-batches
+    of gradient accumulation, packed apart). A `shared` or `packed` batch holding a pair with an empty
+    prompt (nothing would predict its first response token) is collated as `pairs` instead; consumers
+    tell the layouts apart by the `chosen_src` key."""
+    if layout in ("shared", "packed") and all(p.prompt_ids for p in pairs):
+        return collate_shared(pairs, pad_id, pack=layout == "packed", groups=groups)
     return collate(pairs, pad_id, chosen_only=layout == "texts")

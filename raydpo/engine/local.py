@@ -41,8 +41,9 @@ def train_local(cfg: RunConfig, method: Method, rows: list[TokenizedPair] | list
     def sources(dev, layout):
         if prompts:
             return PromptSource(rows, per_step, max(1, len(rows) // per_step), cfg.train.seed, 0, 1), None
+        t = cfg.train
         return ListSource(
-            rows, per_step, cfg.train.seed, pad_id, layout, dev, cfg.train.group_by_length
+            rows, per_step, t.seed, pad_id, layout, dev, t.group_by_length, t.grad_accum_steps
         ), None
 
     def report(row: dict, ckpt_fn) -> None:

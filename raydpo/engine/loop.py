@@ -102,7 +102,8 @@ class Trainer:
 
     def batch_layout(self, policy, reference) -> str:
         """How pairs are collated (data.tokenize.collate_batch): one row per pair where the objective
-        and the models take it (`train.prefix_sharing`), else two; single rows for text methods."""
+        and the models take it (`train.prefix_sharing`; several pairs per row with `train.packing`),
+        else two; single rows for text methods."""
         objective, cfg = self.objective, self.cfg
         if not objective.paired:
             return "texts"
@@ -113,7 +114,7 @@ class Trainer:
             if self.rank == 0:
                 print(f"raydpo: two rows per pair (no prefix sharing): {why}", file=sys.stderr, flush=True)
             return "pairs"
-        return "shared"
+        return "packed" if cfg.train.packing else "shared"
 
     # ------------------------------------------------------------------------------------- train
     def train(self, pos: dict) -> list[dict]:

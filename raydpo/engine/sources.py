@@ -57,10 +57,10 @@ class ListSource:
 
     def __init__(
         self, pairs: list[TokenizedPair], batch_size: int, seed: int, pad_id: int, layout: Layout, device,
-        group_by_length: bool = False,
+        group_by_length: bool = False, groups: int = 1,
     ):  # fmt: skip
         self.pairs, self.batch_size, self.seed, self.pad_id = pairs, batch_size, seed, pad_id
-        self.layout, self.device, self.group = layout, device, group_by_length
+        self.layout, self.device, self.group, self.groups = layout, device, group_by_length, groups
 
     def batches(self, epoch: int, shuffle: bool) -> Iterator[list[int]]:
         """This epoch's batches as lists of row positions."""
@@ -85,7 +85,7 @@ class ListSource:
     def epoch(self, epoch: int, shuffle: bool = True) -> Iterator[dict]:
         for rows in self.batches(epoch, shuffle):
             group = [self.pairs[j] for j in rows]
-            batch = collate_batch(group, self.pad_id, self.layout)
+            batch = collate_batch(group, self.pad_id, self.layout, self.groups)
             yield to_device({**batch, "ids": [p.id for p in group]}, self.device)
 
 

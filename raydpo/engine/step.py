@@ -19,11 +19,8 @@ def split_batch(batch: dict, parts: int, paired: bool = True) -> list[dict]:
     `parts` micro-batches."""
     if parts == 1:
         return [batch]
-    if "chosen_src" in batch:  # one row per pair
-        size = batch["input_ids"].shape[0] // parts
-        return [
-            _trim_shared({k: v[k0 * size : (k0 + 1) * size] for k, v in batch.items()}) for k0 in range(parts)
-        ]
+    if "chosen_src" in batch:  # rows of whole pairs (`collate_shared`, packed or not)
+        return [_trim_shared(_pairs_part(batch, k0, parts)) for k0 in range(parts)]
     b = batch["input_ids"].shape[0] // (2 if paired else 1)
     size = b // parts
     out = []
@@ -33,6 +30,24 @@ def split_batch(batch: dict, parts: int, paired: bool = True) -> list[dict]:
             sel = torch.cat([sel, torch.arange(b + k * size, b + (k + 1) * size)])
         pair_sel = torch.arange(k * size, (k + 1) * size)  # (B,) entries: precomputed reference log-probs
         out.append(_trim({key: v[pair_sel] if v.dim() == 1 else v[sel] for key, v in batch.items()}))
+    return out
+
+
+# `collate_shared`'s per-row tensors; every other entry of its batches is per pair
+ROW_KEYS = ("input_ids", "attention_mask", "position_ids", "attention_mask_4d", "chosen_labels",
+            "rejected_labels")  # fmt: skip
+
+
+def _pairs_part(batch: dict, k: int, parts: int) -> dict:
+    """Micro-batch `k` of `parts` of a `collate_shared` batch: its pairs, and the rows that hold them
+    (packed batches pack each micro-batch's pairs into rows of their own, so those rows are
+    consecutive)."""
+    size = len(batch["chosen_mask"]) // parts
+    pairs = slice(k * size, (k + 1) * size)
+    rows = batch["pair_row"][pairs]
+    lo, hi = int(rows.min()), int(rows.max()) + 1  # host sync, once per micro-batch
+    out = {key: (v[lo:hi] if key in ROW_KEYS else v[pairs]) for key, v in batch.items()}
+    out["pair_row"] = rows - lo
     return out
 
 

@@ -41,8 +41,9 @@ from raydpo.tracking import RunLogger
 SHUFFLE_BUFFER = 20_000  # pairs held for the seeded per-epoch shuffle
 
 
-def make_collate(rank: int, per_worker: int, pad_id: int, layout: Layout):
-    """collate_fn for iter_torch_batches: this rank's slice of a global batch → padded tensors."""
+def make_collate(rank: int, per_worker: int, pad_id: int, layout: Layout, groups: int = 1):
+    """collate_fn for iter_torch_batches: this rank's slice of a global batch → padded tensors (`groups`:
+    gradient-accumulation micro-batches, which a packed layout packs apart)."""
 
     def fn(batch: dict) -> dict:
         lo, hi = rank * per_worker, (rank + 1) * per_worker
@@ -54,7 +55,7 @@ def make_collate(rank: int, per_worker: int, pad_id: int, layout: Layout):
         ]
         ids = [None if i is None else str(i) for i in batch["id"][lo:hi]] if "id" in batch else []
         ref = {k: torch.as_tensor(batch[k][lo:hi], dtype=torch.float32) for k in REF_COLUMNS if k in batch}
-        return {**collate_batch(pairs, pad_id, layout), **ref, "ids": ids}
+        return {**collate_batch(pairs, pad_id, layout, groups), **ref, "ids": ids}
 
     return fn
 
@@ -66,11 +67,11 @@ class ShardSource:
 
     def __init__(
         self, shard, batch_size: int, seed: int, rank: int, world: int, pad_id: int, layout: Layout, device,
-        group_by_length: bool = False,
+        group_by_length: bool = False, groups: int = 1,
     ):  # fmt: skip
         self.shard, self.batch_size, self.seed, self.world = shard, batch_size, seed, world
         self.device, self.group = device, group_by_length
-        self.collate = make_collate(rank, batch_size, pad_id, layout)
+        self.collate = make_collate(rank, batch_size, pad_id, layout, groups)
 
     def epoch(self, epoch: int, shuffle: bool = True):
         global_batch = self.batch_size * self.world
@@ -142,9 +143,12 @@ def train_loop_per_worker(config: dict) -> None:
                                 cfg.train.seed, rank, world), None  # fmt: skip
         t = cfg.train
         r, w = (0, 1) if config.get("split_data") else (rank, world)  # a split shard is this worker's alone
-        make = lambda name, group: ShardSource(ray.train.get_dataset_shard(name), t.batch_size, t.seed, r, w,
-                                               config["pad_id"], layout, device, group)  # fmt: skip
-        return make("train", t.group_by_length), (make("eval", False) if config["has_eval"] else None)
+        make = lambda name, group, parts: ShardSource(  # noqa: E731
+            ray.train.get_dataset_shard(name), t.batch_size, t.seed, r, w, config["pad_id"], layout, device,
+            group, parts,
+        )  # fmt: skip
+        train = make("train", t.group_by_length, t.grad_accum_steps)
+        return train, (make("eval", False, 1) if config["has_eval"] else None)
 
     queue = config.get("progress")
     spool = Path(cfg.run_dir) / "mlflow-spool.jsonl"  # on the run's disk: survives restarts of this worker

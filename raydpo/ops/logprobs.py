@@ -272,7 +272,8 @@ def response_only_logps(model, input_ids, attention_mask, labels, chunk: int = 1
 
 def shared_prefix_logps(model, batch: dict, response_only: bool = False,
                         chunk: int = 1024) -> tuple[SequenceLogps, SequenceLogps]:  # fmt: skip
-    """(chosen, rejected) log-probs, each (B,), from one forward pass over `collate_shared`'s B rows.
+    """(chosen, rejected) log-probs, each (B,), from one forward pass over `collate_shared`'s rows
+    (B of them, or fewer when packed: `pair_row` names each pair's).
 
     Equal to `sequence_logps` on `collate`'s 2B rows of the same pairs (first B: chosen, last B:
     rejected). With `response_only`, the LM head runs only on the scored rows, as in
@@ -291,9 +292,13 @@ def shared_prefix_logps(model, batch: dict, response_only: bool = False,
     bias = _attention_bias(batch["attention_mask_4d"], config._attn_implementation, _float_dtype(model))
     inputs = {"input_ids": batch["input_ids"], "attention_mask": bias, "position_ids": batch["position_ids"]}
     keys = ("chosen", "rejected")
+    n_pairs = batch["chosen_mask"].shape[0]
+    pair_row = batch.get("pair_row")  # (B,): the row holding each pair (packed rows hold several)
+    if pair_row is None:
+        pair_row = torch.arange(n_pairs, device=batch["input_ids"].device)
     if not response_only:
-        logits = model(**inputs, use_cache=False).logits  # (B, T, V)
-        rows = torch.arange(logits.shape[0], device=logits.device).unsqueeze(-1)  # (B, 1)
+        logits = model(**inputs, use_cache=False).logits  # (N, T, V)
+        rows = pair_row.unsqueeze(-1)  # (B, 1)
         out = []
         for k in keys:
             mask = batch[f"{k}_mask"]  # (B, R)
@@ -301,15 +306,16 @@ def shared_prefix_logps(model, batch: dict, response_only: bool = False,
             out.append(_sequence(logps.sum(-1), mask.sum(-1)))
         return out[0], out[1]
     head = _check_head(model)
-    hidden = _head_inputs(model, head, **inputs)  # (B, T, H)
-    sel = [batch[f"{k}_mask"].nonzero(as_tuple=True) for k in keys]  # (rows, j) per response
-    picked = torch.cat([hidden[r, batch[f"{k}_src"][r, j]] for k, (r, j) in zip(keys, sel)])  # (Mc + Mr, H)
-    targets = torch.cat([batch[f"{k}_tgt"][r, j] for k, (r, j) in zip(keys, sel)])
-    logps = _head_logps(head, picked, targets, chunk).split([len(r) for r, _ in sel])
-    n_rows = hidden.shape[0]
+    hidden = _head_inputs(model, head, **inputs)  # (N, T, H)
+    sel = [batch[f"{k}_mask"].nonzero(as_tuple=True) for k in keys]  # (pair, j) per response token
+    picked = torch.cat(
+        [hidden[pair_row[i], batch[f"{k}_src"][i, j]] for k, (i, j) in zip(keys, sel)]
+    )  # (Mc + Mr, H)
+    targets = torch.cat([batch[f"{k}_tgt"][i, j] for k, (i, j) in zip(keys, sel)])
+    logps = _head_logps(head, picked, targets, chunk).split([len(i) for i, _ in sel])
     out = []
-    for k, (r, _), lp in zip(keys, sel, logps):
-        total = torch.zeros(n_rows, dtype=torch.float32, device=lp.device).index_add(0, r, lp)
+    for k, (i, _), lp in zip(keys, sel, logps):
+        total = torch.zeros(n_pairs, dtype=torch.float32, device=lp.device).index_add(0, i, lp)
         out.append(_sequence(total, batch[f"{k}_mask"].sum(-1)))
     return out[0], out[1]
 
