@@ -85,10 +85,12 @@ def mlflow_steps(tmp_path, run_name: str, metric: str = "loss"):
 def uninterrupted(tiny_llama_dir, tmp_path_factory, ray_local):
     """The losses of the run without a fault, by step: the curve each interrupted run must follow
     (its eval losses: `uninterrupted.eval`)."""
+    from raydpo.config import load_config
+    from raydpo.evaluate.checkpoints import train_and_evaluate
+
     out = tmp_path_factory.mktemp("uninterrupted")
-    r = subprocess.run([sys.executable, "-m", "raydpo", *train_args(tiny_llama_dir, out, "clean")],
-                       env=driver_env(ray_local), capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
+    _, *overrides = train_args(tiny_llama_dir, out, "clean")  # what `raydpo train ...` runs, in this driver
+    train_and_evaluate(load_config(None, overrides), log=lambda *_: None, stream=None)
     curve = Curve(mlflow_steps(out, "clean")[1])
     curve.eval = mlflow_steps(out, "clean", "eval/loss")[1]
     return curve

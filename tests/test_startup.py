@@ -9,6 +9,7 @@
 - A Ray Train worker takes Ray Data's batches in runs (`engine.worker.pull_ahead`), in their order.
 - A Ray Train worker imports neither peft (LoRA only) nor the distributed state-dict helpers (FSDP
   only) unless the run uses them.
+- A driver's runs share one progress-queue actor, one after another.
 """
 
 import json
@@ -228,3 +229,22 @@ def test_a_local_ray_starts_fewer_helper_processes_and_a_cluster_keeps_rays_defa
         session.start_ray(2)
         assert (os.environ.get(watcher), os.environ.get(footers)) == want, (address, preset)
     assert [c.get("address") for c in calls] == ["local", "local", None]
+
+
+@pytest.mark.ray
+def test_a_driver_reuses_its_progress_queue_and_drops_an_earlier_runs_late_lines(ray_local):
+    """One queue actor (a process) serves a driver's runs one after another; a run still going holds
+    its own, and a line that an earlier run's worker sends after that run ended is not shown."""
+    from raydpo.engine.progress import Progress, sender
+
+    shown = (("loss", "loss"),)
+    with Progress(2, shown, stream=None) as first:
+        sender(first.channel)({"step": 1, "loss": 0.5})
+    assert [h["step"] for h in first.history] == [1] and "_run" not in first.history[0]
+    sender(first.channel)({"step": 2, "loss": 0.4})  # late: the first run is over
+    with Progress(2, shown, stream=None) as second, Progress(2, shown, stream=None) as third:
+        sender(second.channel)({"step": 1, "loss": 0.3})
+        sender(third.channel)({"step": 1, "loss": 0.2})
+    actor = lambda p: p.queue.actor._actor_id  # noqa: E731
+    assert actor(second) == actor(first) and actor(third) != actor(first)
+    assert [h["loss"] for h in second.history] == [0.3] and [h["loss"] for h in third.history] == [0.2]

@@ -282,7 +282,7 @@ def run(
                        tracking_uri=uri, mlflow_run_id=run_id)  # fmt: skip
     try:
         with Progress(steps, method.progress, stream) as progress:
-            loop_config["progress"] = progress.queue
+            loop_config["progress"] = progress.channel
             result = fit(cfg, loop_config, datasets, callbacks)
     except BaseException:
         drain_spool(uri, run_id, cfg.run_dir / "mlflow-spool.jsonl")

@@ -150,14 +150,14 @@ def train_loop_per_worker(config: dict) -> None:
         train = make("train", t.group_by_length, t.grad_accum_steps)
         return train, (make("eval", False, 1) if config["has_eval"] else None)
 
-    queue = config.get("progress")
+    channel = config.get("progress")  # (queue, run tag): engine.progress.Progress.channel
     spool = Path(cfg.run_dir) / "mlflow-spool.jsonl"  # on the run's disk: survives restarts of this worker
     logger = RunLogger(config["tracking_uri"], config["mlflow_run_id"], spool) if rank == 0 else None
     if logger:
         logger.start_system_metrics(cfg.tracking.system_metrics_s)  # this worker's machine and process
     ctx = WorkerContext(
         rank=rank, world=world, prepare=lambda p, r: dist_utils.prepare(p, r, cfg.scaling), sources=sources,
-        report=report, logger=logger, progress=sender(queue) if queue is not None and rank == 0 else None,
+        report=report, logger=logger, progress=sender(channel) if channel is not None and rank == 0 else None,
         reference_in_data=config.get("reference_in_data", False),
     )  # fmt: skip
     trainer = Trainer(cfg, method, ctx, config["total_steps"], config["mlflow_run_id"])
