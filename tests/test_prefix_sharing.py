@@ -138,26 +138,33 @@ def test_shared_layout_saves_40_percent_with_prompts_4x_responses():
 # --- prefix sharing ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("pack", [False, True])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "mistral", "qwen3"])
-def test_shared_prefix_equals_two_rows(toks, family, attn):
+def test_shared_prefix_equals_two_rows(toks, family, attn, pack):
+    """One row per pair, or packed rows (PACKED_SHAPES: 5 pairs in 3 rows), give two separate rows'
+    log-probs. Negative control: under a causal mask over each whole row the rejected tokens see the
+    chosen ones (packed, a pair also sees the pairs before it in its row), and the log-probs move."""
     model = make_model(toks, family, attn)
     assert supports_shared_prefix(model)
-    pairs = make_pairs(model.config.vocab_size)
-    batch = collate_shared(pairs, pad_id=0)
+    pairs = make_pairs(model.config.vocab_size, PACKED_SHAPES if pack else SHAPES)
+    batch = collate_shared(pairs, pad_id=0, pack=pack)
+    assert batch["input_ids"].shape == ((3, 17) if pack else (4, 17))
     with torch.no_grad():
         want = two_rows(model, pairs)
         assert_same(shared_prefix_logps(model, batch), want)
         assert_same(shared_prefix_logps(model, batch, response_only=True, chunk=5), want)
-        # negative control: if the rejected tokens could see the chosen ones, the rejected log-probs move
         real = batch["attention_mask"].bool()
         causal = torch.ones(real.shape[1], real.shape[1], dtype=torch.bool).tril()
         leak = real[:, None, :, None] & real[:, None, None, :] & causal
         chosen, rejected = shared_prefix_logps(
             model, dict(batch, attention_mask_4d=batch["attention_mask_4d"] | leak)
         )
-    torch.testing.assert_close(chosen.sum, want[0].sum, **TOL)
     assert (rejected.sum - want[1].sum).abs().max() > 1e-3
+    if pack:
+        assert (chosen.sum - want[0].sum).abs().max() > 1e-3
+    else:  # a chosen token sees nothing it should not: the leak adds nothing before it
+        torch.testing.assert_close(chosen.sum, want[0].sum, **TOL)
 
 
 @pytest.mark.parametrize("response_only", [False, True])
@@ -234,26 +241,6 @@ def test_packed_layout():
     unpacked = collate_shared(pairs, pad_id=0)
     assert b["attention_mask"].sum() == unpacked["attention_mask"].sum() == 16  # the same real tokens
     assert b["input_ids"].numel() == 16 < unpacked["input_ids"].numel() == 24  # less padding
-
-
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "mistral", "qwen3"])
-def test_packed_rows_equal_two_rows(toks, family, attn):
-    model = make_model(toks, family, attn)
-    pairs = make_pairs(model.config.vocab_size, PACKED_SHAPES)
-    batch = collate_shared(pairs, pad_id=0, pack=True)
-    assert batch["input_ids"].shape == (3, 17)
-    with torch.no_grad():
-        want = two_rows(model, pairs)
-        assert_same(shared_prefix_logps(model, batch), want)
-        assert_same(shared_prefix_logps(model, batch, response_only=True, chunk=5), want)
-        # negative control: if a pair could see the pair packed before it, its log-probs move
-        real = batch["attention_mask"].bool()
-        causal = torch.ones(real.shape[1], real.shape[1], dtype=torch.bool).tril()
-        leak = real[:, None, :, None] & real[:, None, None, :] & causal
-        leaky = dict(batch, attention_mask_4d=batch["attention_mask_4d"] | leak)
-        chosen, _ = shared_prefix_logps(model, leaky)
-    assert (chosen.sum - want[0].sum).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("response_only", [False, True])
