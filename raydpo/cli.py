@@ -18,7 +18,10 @@ from raydpo.redact import redact
 def _cmd_train(args) -> int:
     from raydpo.config import load_config
 
-    cfg = load_config(args.config, args.overrides)  # config errors show before torch, Ray load
+    cfg = load_config(args.config, args.overrides)  # config errors show before Ray and the engine load
+    from raydpo.engine.inputs import check_paths
+
+    check_paths(cfg)  # a misspelt path too
     from raydpo.evaluate.checkpoints import train_and_evaluate  # methods.train, then eval.every_steps
 
     train_and_evaluate(cfg, resume=args.resume)

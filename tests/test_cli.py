@@ -165,3 +165,25 @@ def test_sweep_without_a_sweep_file_says_the_sweep_file_is_missing(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith("usage: raydpo sweep")  # argparse's usage line, then the one error line
     assert err[1:] == ["raydpo sweep: error: the following arguments are required: sweep_file"]
+
+
+def test_missing_paths_are_found_before_ray_and_transformers_load(tmp_path):
+    """`raydpo train` checks the paths a run names (engine.inputs) before it loads the engine."""
+    from raydpo.config import build_config
+    from raydpo.engine.inputs import check_paths
+    from raydpo.errors import ConfigError, DataError
+
+    good = tmp_path / "d.jsonl"
+    good.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    check_paths(build_config({"model": {"policy": "builtin:tiny-llama"}, "data": {"source": str(good)}}))
+    hub = {"model": {"policy": "owner/model"}, "data": {"source": "owner/set"}}  # checked later, by preflight
+    check_paths(build_config(hub))
+    missing = str(tmp_path / "no.jsonl")
+    for data in ({"source": missing}, {"source": str(good), "eval_source": missing}):
+        with pytest.raises(DataError, match="data source '.*no.jsonl' does not exist"):
+            check_paths(build_config({"data": data}))
+    with pytest.raises(ConfigError, match="model.reference: path './nope' does not exist"):
+        check_paths(build_config({"model": {"reference": "./nope"}}))
+    code = "import sys, raydpo.engine.inputs; print([m for m in ('ray', 'transformers') if m in sys.modules])"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]"

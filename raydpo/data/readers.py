@@ -106,6 +106,13 @@ def _numbered(rows: Iterable[Row], max_rows: int | None) -> Iterator[tuple[int, 
         yield i, row
 
 
+def check_source(source: str, fmt: str = "auto") -> None:
+    """What can be checked of `source` without reading it or importing torch, Ray or datasets: a
+    known format, and for a JSON-lines or Parquet source a file that exists (DataError otherwise)."""
+    if detect_format(source, fmt) in ("jsonl", "parquet"):
+        _existing_file(source)
+
+
 def _existing_file(source: str) -> Path:
     path = Path(source)
     if not path.is_file():

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from raydpo.config import ModelConfig
 from raydpo.errors import ConfigError
+from raydpo.models.paths import local_model_dir
 from raydpo.models.tiny import BUILTIN_MODELS, builtin_model_dir
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -40,12 +41,8 @@ def resolve_model_path(name: str, field: str = "model.policy") -> str:
                 f"{field}: unknown builtin model {name!r}; allowed: {', '.join(BUILTIN_MODELS)}"
             )
         return str(builtin_model_dir(name))
-    looks_local = name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
-    if looks_local and not Path(name).expanduser().is_dir():
-        raise ConfigError(f"{field}: path {name!r} does not exist or is not a directory")
-    if looks_local:
-        return str(Path(name).expanduser())
-    return _check_hub_name(name, field)
+    local = local_model_dir(name, field)
+    return str(local) if local is not None else _check_hub_name(name, field)
 
 
 def _hub_offline() -> str | None:
