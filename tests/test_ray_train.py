@@ -214,7 +214,10 @@ def test_reference_log_probs_are_computed_once_and_train_the_same(
     ray_local, run_cfg, tmp_path, tmp_path_factory
 ):
     """`train.precompute_reference`: a Ray Data stage scores the pairs once, a second run with the same
-    key reads the cache, and the curve is the plain run's, whose reference is live (prefix sharing too)."""
+    key reads the cache, and the curve is the plain run's, whose reference is live. The second run also
+    takes the Ray workers' path for `train.packing` with 2 accumulation micro-batches (the packed
+    layout, `pair_row`, the split by micro-batch; the built-in pairs are too alike in length for two
+    to share a row, so the packing itself is tested in tests/test_prefix_sharing.py)."""
     import json
 
     from mlflow.tracking import MlflowClient
@@ -225,8 +228,8 @@ def test_reference_log_probs_are_computed_once_and_train_the_same(
     lines: list[str] = []
     pre = {**CURVE["train"], "precompute_reference": True}
     first = run(run_cfg(run_name="pre1", train=pre, data=CURVE["data"]), log=lines.append)
-    again = run(run_cfg(run_name="pre2", train={**pre, "prefix_sharing": True}, data=CURVE["data"]),
-                log=lines.append)  # fmt: skip
+    packed = {**pre, "prefix_sharing": True, "packing": True, "grad_accum_steps": 2}
+    again = run(run_cfg(run_name="pre2", train=packed, data=CURVE["data"]), log=lines.append)
     computed = [x for x in lines if x.startswith("reference log-probs: computed")]
     reused = [x for x in lines if x.startswith("reference log-probs: reused")]
     assert len(computed) == 1 and len(reused) == 1, lines
