@@ -188,7 +188,6 @@ def collate_shared(
         rejected_src       (B, R) long   p - 1 for j = 0, p + c + j - 1 for j >= 1; 0 past r
         rejected_tgt       (B, R) long   rejected token j; pad_id past r
         rejected_mask      (B, R) bool   j < r
-
         pair_row           (B,)   long   the row that holds each pair (here: its own, 0 … B - 1)
 
     Packing (`pack`, `train.packing`): several pairs share a row, each a segment `[prompt; chosen;
