@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -83,21 +84,17 @@ def mlflow_steps(tmp_path, run_name: str, metric: str = "loss"):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_llama_dir, tmp_path_factory, ray_local):
-    """The losses of the run without a fault, by step: the curve each interrupted run must follow
-    (its eval losses: `uninterrupted.eval`)."""
+    """The run without a fault, by step: the training losses (`.loss`) and eval losses (`.eval`) each
+    interrupted run must follow."""
     from raydpo.config import load_config
     from raydpo.evaluate.checkpoints import train_and_evaluate
 
     out = tmp_path_factory.mktemp("uninterrupted")
     _, *overrides = train_args(tiny_llama_dir, out, "clean")  # what `raydpo train ...` runs, in this driver
     train_and_evaluate(load_config(None, overrides), log=lambda *_: None, stream=None)
-    curve = Curve(mlflow_steps(out, "clean")[1])
-    curve.eval = mlflow_steps(out, "clean", "eval/loss")[1]
-    return curve
-
-
-class Curve(dict):
-    eval: dict
+    return SimpleNamespace(
+        loss=mlflow_steps(out, "clean")[1], eval=mlflow_steps(out, "clean", "eval/loss")[1]
+    )
 
 
 def test_a_killed_worker_restarts_from_its_checkpoint_on_the_same_curve(tiny_llama_dir, tmp_path, env,
@@ -117,7 +114,7 @@ def test_a_killed_worker_restarts_from_its_checkpoint_on_the_same_curve(tiny_lla
     run, losses, steps = mlflow_steps(tmp_path, "w")
     assert run.info.status == "FINISHED" and sorted(steps) == list(range(1, 9))  # each step once
     assert [losses[s] for s in range(1, 9)] == pytest.approx(
-        [uninterrupted[s] for s in range(1, 9)], abs=1e-5
+        [uninterrupted.loss[s] for s in range(1, 9)], abs=1e-5
     )
 
 
@@ -136,7 +133,7 @@ def test_a_killed_driver_run_again_resumes_the_same_run(tiny_llama_dir, tmp_path
     assert run.info.run_id == first.info.run_id and run.info.status == "FINISHED"
     assert sorted(steps) == list(range(1, 9))  # every step once: none lost, none twice
     assert [losses[s] for s in range(1, 9)] == pytest.approx(
-        [uninterrupted[s] for s in range(1, 9)], abs=1e-5
+        [uninterrupted.loss[s] for s in range(1, 9)], abs=1e-5
     )
     _, evals, eval_steps = mlflow_steps(tmp_path, "d", "eval/loss")
     assert sorted(eval_steps) == sorted(uninterrupted.eval) == [0, 2, 4, 6, 8]  # each eval once

@@ -264,6 +264,16 @@ def test_packed_gradients_and_micro_batches_equal_two_rows(toks, response_only):
             got_k = shared_prefix_logps(model, mb, response_only, chunk=4)
             want_k = [type(w)(*(x[part] for x in w)) for w in (want_c, want_r)]
             assert_same(got_k, want_k)
+    # SHAPES do not pack (a row per pair), but the second micro-batch's rows come longest first
+    alike = make_pairs(model.config.vocab_size)
+    packed = collate_shared(alike, pad_id=0, pack=True, groups=2)
+    assert packed["pair_row"].tolist() == [0, 1, 3, 2]
+    want_c, want_r = two_rows(model, alike)
+    with torch.no_grad():
+        for k, mb in enumerate(split_batch(packed, 2)):
+            part = slice(2 * k, 2 * k + 2)
+            got_k = shared_prefix_logps(model, mb, response_only, chunk=4)
+            assert_same(got_k, [type(w)(*(x[part] for x in w)) for w in (want_c, want_r)])
 
 
 # --- response-only logits ------------------------------------------------------------------------

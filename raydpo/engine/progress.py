@@ -31,11 +31,12 @@ def _acquire() -> Queue:
     """This driver's idle queue, or a new one (the first run, or another run still holds the idle one)."""
     with _LOCK:
         queue = _IDLE.pop(_key(), None)
-    try:
-        if queue is not None and queue.empty() is not None:  # one call: the actor is still there
+    if queue is not None:
+        try:
+            queue.empty()  # one call: is the actor still there?
             return queue
-    except RayError:
-        pass
+        except RayError:
+            pass
     # num_cpus=0: the queue actor also fits inside a Tune trial's placement group. It lives on the
     # driver's node: losing a worker's node must not take the progress channel with it.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)

@@ -44,6 +44,9 @@ def _pairs_part(batch: dict, k: int, parts: int) -> dict:
     consecutive)."""
     size = len(batch["chosen_mask"]) // parts
     pairs = slice(k * size, (k + 1) * size)
+    if len(batch["input_ids"]) == len(batch["chosen_mask"]):  # a row per pair: a micro-batch's rows are
+        #   its pairs' range (packed in another order, maybe), known without a host sync
+        return {key: v[pairs] for key, v in batch.items()} | {"pair_row": batch["pair_row"][pairs] - k * size}
     rows = batch["pair_row"][pairs]
     lo, hi = int(rows.min()), int(rows.max()) + 1  # host sync, once per micro-batch
     out = {key: (v[lo:hi] if key in ROW_KEYS else v[pairs]) for key, v in batch.items()}
