@@ -8,11 +8,14 @@ Data actor stage writes the tokenized rows to parquet as it goes) and, in each R
 `engine.worker.ShardSource` over `ray.train.get_dataset_shard` with Ray Train's split, collating
 every batch as training does. The workers do not run a model: this measures the data path alone.
 A sampler on the driver polls the resident memory of the driver and of every Ray worker process
-(by role) and the object store's use every 0.2 s. The source is Parquet with row groups of 10,000
-pairs, so it is read in pieces (a JSON-lines file is read whole, see data/pipeline.py).
+(by role) and the object store's use every 0.2 s; each training worker also samples its own private
+memory (USS, every 0.5 s), which unlike its RSS leaves out the shared object-store pages it has read.
+The source is Parquet with row groups of 10,000 pairs, so it is read in pieces (a JSON-lines file is
+read whole, see data/pipeline.py).
 
 Prints one line per figure and returns them: pairs seen per worker (each pair once per epoch, by one
-worker), peak RSS of the driver, of the tokenize actor and of each training worker, peak object store
+worker), peak RSS of the driver, of the tokenize actor and of each training worker (and each worker's
+USS when its stream started and at its peak), peak object store
 use, and the size the tokenized pairs would take materialized.
 """
 
@@ -97,6 +100,29 @@ class PeakSampler:
             self._stop.wait(self.every)
 
 
+class PrivatePeak:
+    """Peak USS (memory private to this process: not the shared object-store pages it has read, which
+    its RSS also counts) of this process, and its USS at the start, sampled every `every` s."""
+
+    def __init__(self, every: float = 0.5):
+        self.every, self.peak, self.start_uss = every, 0, psutil.Process().memory_full_info().uss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while True:
+            self.peak = max(self.peak, me.memory_full_info().uss)
+            if self._stop.wait(self.every):
+                return
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
 def consume_loop(config: dict) -> None:
     """A Ray Train worker: one epoch over its shard through ShardSource (collated as in training)."""
     import ray.train
@@ -108,6 +134,7 @@ def consume_loop(config: dict) -> None:
     src = ShardSource(shard, config["batch_size"], 0, 0, 1, config["pad_id"], "pairs", "cpu")
     pairs, ids_crc, t0 = 0, 0, time.perf_counter()
     seen: set[str] = set() if config["check_ids"] else None
+    private = PrivatePeak()
     for batch in src.epoch(0):
         pairs += len(batch["ids"])
         for i in batch["ids"]:
@@ -116,7 +143,8 @@ def consume_loop(config: dict) -> None:
                 seen.add(i)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out = {"rank": rank, "pairs": pairs, "ids_crc": ids_crc, "seconds": time.perf_counter() - t0,
-           "peak_rss": peak, "ids": sorted(seen) if seen is not None else None}  # fmt: skip
+           "peak_rss": peak, "peak_uss": private.stop(), "start_uss": private.start_uss,
+           "ids": sorted(seen) if seen is not None else None}  # fmt: skip
     Path(config["out"], f"worker-{rank}.json").write_text(json.dumps(out))
     ray.train.report({"pairs": pairs})
 
@@ -176,6 +204,8 @@ def run(pairs: int, workers: int = 2, root: Path | None = None, batch_size: int 
         "tokenized_parquet_mib": round(stored / 2**20, 1),
         "driver_peak_rss_mib": round(driver_peak / 2**20),
         "worker_peak_rss_mib": [round(w["peak_rss"] / 2**20) for w in per_worker],
+        "worker_peak_uss_mib": [round(w["peak_uss"] / 2**20) for w in per_worker],
+        "worker_start_uss_mib": [round(w["start_uss"] / 2**20) for w in per_worker],
         "data_actor_peak_rss_mib": {k: round(v / 2**20) for k, v in sorted(roles.items())},
         "object_store_peak_mib": round(sampler.store_peak / 2**20),
         "ids": [w["ids"] for w in per_worker] if check_ids else None,
@@ -184,7 +214,9 @@ def run(pairs: int, workers: int = 2, root: Path | None = None, batch_size: int 
         f"{figures['tokenized_parquet_mib']} MiB on disk")  # fmt: skip
     log(f"streamed in {figures['stream_s']} s: pairs per worker {figures['pairs_per_worker']}")
     log(f"peak RSS MiB: driver {figures['driver_peak_rss_mib']}, training workers "
-        f"{figures['worker_peak_rss_mib']}, data actors {figures['data_actor_peak_rss_mib']}; "
+        f"{figures['worker_peak_rss_mib']} (private memory, USS: {figures['worker_start_uss_mib']} when the "
+        f"stream starts, peak {figures['worker_peak_uss_mib']}), "
+        f"data actors {figures['data_actor_peak_rss_mib']}; "
         f"object store peak {figures['object_store_peak_mib']} MiB")  # fmt: skip
     return figures
 
