@@ -26,6 +26,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import tempfile
 import threading
 import time
@@ -226,12 +227,18 @@ def main(argv=None) -> None:
     ap.add_argument("--pairs", type=int, default=2_000_000)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument(
-        "--dir", type=Path, help="where the source, parquet and Ray storage go (default: a temp dir)"
-    )
+        "--dir", type=Path,
+        help="where the source, parquet and Ray storage go and stay (default: a temp dir, removed after)",
+    )  # fmt: skip
     ap.add_argument("--json", type=Path, help="also write the figures here")
     a = ap.parse_args(argv)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    figures = run(a.pairs, a.workers, a.dir)
+    root = a.dir or Path(tempfile.mkdtemp(prefix="raydpo-stream-"))
+    try:
+        figures = run(a.pairs, a.workers, root)
+    finally:
+        if a.dir is None:  # at 2 million pairs: ~200 MiB of source and tokenized parquet
+            shutil.rmtree(root, ignore_errors=True)
     if a.json:
         a.json.write_text(json.dumps({k: v for k, v in figures.items() if k != "ids"}, indent=1))
 
