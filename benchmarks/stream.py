@@ -15,8 +15,8 @@ read whole, see data/pipeline.py).
 
 Prints one line per figure and returns them: pairs seen per worker (each pair once per epoch, by one
 worker), peak RSS of the driver, of the tokenize actor and of each training worker (and each worker's
-USS when its stream started and at its peak), peak object store
-use, and the size the tokenized pairs would take materialized.
+USS when its stream started and at its peak), peak object store use, and the size the tokenized pairs
+would take materialized.
 """
 
 from __future__ import annotations
@@ -106,7 +106,8 @@ class PrivatePeak:
     its RSS also counts) of this process, and its USS at the start, sampled every `every` s."""
 
     def __init__(self, every: float = 0.5):
-        self.every, self.peak, self.start_uss = every, 0, psutil.Process().memory_full_info().uss
+        self.every, self.start_uss = every, psutil.Process().memory_full_info().uss
+        self.peak = self.start_uss
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()

@@ -74,8 +74,9 @@ def test_a_generated_source_streams_to_two_workers_each_pair_once(ray_local, tmp
     assert len(a) == len(b) == per_worker and not a & b
     assert a | b <= {f"p{i}" for i in range(2000)}
     assert max(fig["worker_peak_rss_mib"]) < 1536 and fig["driver_peak_rss_mib"] < 1536
-    # private memory (USS) is measured as well: at least what the worker held when its stream started
-    assert all(s <= p < 1536 for s, p in zip(fig["worker_start_uss_mib"], fig["worker_peak_uss_mib"]))
+    # private memory (USS), sampled in each worker: a part of its resident memory, and more than an
+    # empty process's (the worker has imported torch and Ray Data)
+    assert all(100 < uss <= rss for uss, rss in zip(fig["worker_peak_uss_mib"], fig["worker_peak_rss_mib"]))
     assert list((tmp_path / "runs" / "stream" / "data" / "train").glob("*.parquet"))
 
 
