@@ -240,9 +240,11 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
+    # transformers reads HF_HUB_DISABLE_PROGRESS_BARS when it is imported; importing it here to say
+    # so again would cost every command (`--help` too) about a second. An in-process caller may have
+    # imported it already:
+    if "transformers.utils.logging" in sys.modules:
+        sys.modules["transformers.utils.logging"].disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:

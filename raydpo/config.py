@@ -19,7 +19,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, Tag, ValidationError, field_validator, model_validator
 
 from raydpo.errors import ConfigError
-from raydpo.losses import LOSSES, loss_params
 from raydpo.redact import redact_mapping
 
 
@@ -117,6 +116,8 @@ class LossConfig(_Strict):
 
     @model_validator(mode="after")
     def _known_losses(self) -> LossConfig:
+        from raydpo.losses import LOSSES, loss_params  # imports torch: here, not when the CLI starts
+
         for n in self.names:
             if n not in LOSSES:
                 raise ValueError(f"unknown loss {n!r}; allowed: {', '.join(sorted(LOSSES))}")
@@ -252,7 +253,7 @@ class RunConfig(_Strict):
     method: Literal[METHODS] = "dpo"  # dpo | sft | preferred_ft | reward_model | ppo | ppo_gt | unlikelihood
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
-    loss: LossConfig = LossConfig()
+    loss: LossConfig = Field(default_factory=LossConfig)  # a factory: checking loss names imports torch
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     scaling: ScalingConfig = ScalingConfig()

@@ -187,3 +187,15 @@ def test_missing_paths_are_found_before_ray_and_transformers_load(tmp_path):
     code = "import sys, raydpo.engine.inputs; print([m for m in ('ray', 'transformers') if m in sys.modules])"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "[]"
+
+
+def test_a_misspelt_key_is_reported_without_importing_torch_ray_or_transformers(tmp_path):
+    """The CLI and the config parser import no heavy library until a config is validated (checking
+    loss names needs the LOSSES registry, which imports torch): a typo is reported at once."""
+    code = (
+        "import sys; from raydpo.cli import main; rc = main(['train', 'loss.bta=0.1']); "
+        "print(rc, [m for m in ('torch', 'ray', 'transformers') if m in sys.modules])"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.stdout.strip() == "2 []", r.stdout + r.stderr
+    assert "unknown key 'loss.bta'" in r.stderr
