@@ -4,7 +4,9 @@
 # package's `torch` requirement is already satisfied and pip never pulls a multi-GB CUDA build.
 # Everything is installed by uv where it can be installed (the same versions as pip resolves, in
 # seconds instead of minutes: torch's CPU wheel in about 3 s against pip's 14), else by pip;
-# RAYDPO_SETUP_PIP=1 uses pip only.
+# RAYDPO_SETUP_PIP=1 uses pip only. uv compiles the bytecode at install, as pip does: where
+# PYTHONDONTWRITEBYTECODE is set, nothing is cached later, and every new process (each Ray worker)
+# would compile torch, Ray and transformers from source on import, about twice the import time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -19,7 +21,7 @@ TARGET="."
 pip_setting() { $VPIP config list 2>/dev/null | sed -n "s/^[^.]*\.$1='\(.*\)'$/\1/p" | head -1; }
 UV=()
 if [ -z "${RAYDPO_SETUP_PIP:-}" ] && { [ -x .venv/bin/uv ] || $VPIP install -q uv >/dev/null 2>&1; }; then
-  UV=(.venv/bin/uv pip install -q --python .venv/bin/python)
+  UV=(.venv/bin/uv pip install -q --compile-bytecode --python .venv/bin/python)
   links=$(pip_setting find-links); constraint=$(pip_setting constraint); cert=$(pip_setting cert)
   for l in $links; do UV+=(--find-links "$l"); done
   [ -n "$constraint" ] && [ -f "$constraint" ] && UV+=(--constraint "$constraint")
