@@ -41,7 +41,7 @@ def test_kl_to_another_reference_is_positive_on_average(ray_local, tiny_llama_di
     import torch
     from transformers import AutoModelForCausalLM
 
-    from raydpo.evaluate.generate import sample_policy
+    from raydpo.evaluate.generate import SampleJob, sample_local
     from raydpo.evaluate.metrics import kl_from_samples
     from raydpo.models.tiny import save_tiny
 
@@ -50,7 +50,9 @@ def test_kl_to_another_reference_is_positive_on_average(ray_local, tiny_llama_di
     with torch.no_grad():
         model.lm_head.weight.mul_(20.0)  # ...and a peaked next-token distribution, far from the policy's
     model.save_pretrained(other)
-    rows = sample_policy(tiny_llama_dir, PROMPTS * 8, reference=other, n=1, max_new_tokens=8, seed=0)
+    # in process (`sample_local`): the same samples as an actor's (the test below), without starting one
+    job = SampleJob(str(tiny_llama_dir), 1, 0)
+    rows = sample_local(job, PROMPTS * 8, reference=str(other), max_new_tokens=8)
     kl = kl_from_samples([r["logp_policy"] for r in rows], [r["logp_ref"] for r in rows])
     assert kl.estimate > 0 and kl.low > 0  # KL(π‖π_ref) ≥ 0, clearly so for unrelated models
 
@@ -60,8 +62,9 @@ def test_one_pass_for_several_policies_gives_what_each_gets_alone_and_in_process
     """`sample_policies` (one Ray Data pass over every policy's chunks) gives each policy the samples
     `sample_local` draws in this process, at temperature 1 alone, with chunks of 2 prompts: a sample's
     seed depends on (seed, chunk, temperature, repeat) only. This is what lets a checkpoint evaluated
-    along training be sampled exactly as `raydpo eval` samples the final model."""
-    from raydpo.evaluate.generate import SampleJob, sample_local, sample_policies
+    along training be sampled exactly as `raydpo eval` samples the final model. `sample_in_process`
+    (a small eval's `workers: auto`) gives every policy exactly the pass's rows."""
+    from raydpo.evaluate.generate import SampleJob, sample_in_process, sample_local, sample_policies
     from raydpo.models.tiny import save_tiny
 
     other = str(save_tiny(tmp_path / "other", seed=1))
@@ -76,3 +79,36 @@ def test_one_pass_for_several_policies_gives_what_each_gets_alone_and_in_process
     assert len(both["b"]) == 10 and [r["completion"] for r in both["b"]] != [
         r["completion"] for r in both["a"][:10]
     ]
+    here = sample_in_process(jobs, PROMPTS, reference=tiny_llama_dir, temperatures=(0.0, 1.0),
+                             max_new_tokens=6, chunk=2)  # fmt: skip
+    assert here == both
+
+
+def test_workers_auto_samples_a_small_eval_in_process_and_a_large_one_on_at_most_the_cores(
+    ray_local, tiny_llama_dir, monkeypatch
+):
+    """`workers: auto`: weight bytes × generated tokens up to SMALL_SAMPLING → 0 (this process); above
+    it, one actor per chunk and free CPU, at most this machine's cores on the suite's one-node Ray (it
+    counts 4 CPUs on 2 cores). A number is taken as given."""
+    import os
+
+    from raydpo.evaluate import run
+    from raydpo.evaluate.generate import SampleJob, sampling_work, weight_bytes
+
+    model = str(tiny_llama_dir)
+    cfg = run.EvalConfig(prompts="p.jsonl", reference=model, policies={"a": model}, temperatures=[0.0, 1.0],
+                         max_new_tokens=8)  # fmt: skip
+    jobs = {f"{i}": SampleJob(str(tiny_llama_dir), 2, 0) for i in range(3)}
+    work = sampling_work(jobs, 100, tiny_llama_dir, cfg.temperatures, cfg.max_new_tokens)
+    assert weight_bytes(tiny_llama_dir) > 0 and work == 3 * 2 * weight_bytes(tiny_llama_dir) * 100 * 2 * 2 * 8
+    assert run.sampling_actors(cfg, jobs, 100, tiny_llama_dir) == 0  # a tiny model: well under 1e11
+    monkeypatch.setattr(run, "SMALL_SAMPLING", work)
+    assert run.sampling_actors(cfg, jobs, 100, tiny_llama_dir) == 0  # up to SMALL_SAMPLING included
+    monkeypatch.setattr(run, "SMALL_SAMPLING", work - 1)
+    free = int(ray_local.available_resources().get("CPU", 1))
+    assert run.sampling_actors(cfg, jobs, 100, tiny_llama_dir) == min(3 * 4, free, os.cpu_count())
+    monkeypatch.setattr(run, "SMALL_SAMPLING", 0)
+    assert run.sampling_actors(cfg, {"0": jobs["0"]}, 10, tiny_llama_dir) == 1  # one chunk: one actor
+    assert run.sampling_actors(cfg.model_copy(update={"workers": 3}), jobs, 100, tiny_llama_dir) == 3
+    with pytest.raises(ValueError, match="workers"):
+        run.EvalConfig(**{**cfg.model_dump(), "workers": -1})

@@ -45,9 +45,12 @@ def test_eval_logs_win_rates_frontier_and_samples(ray_local, run_cfg, tmp_path, 
         baselines=["b"],
         temperatures=[0.7, 1.0],
         max_new_tokens=8,
+        workers=2,  # the Ray Data pass (`auto` would sample an eval this small in process)
         tracking={"tracking_uri": uri, "experiment": "ev"},
     )
-    out = run_eval(str(path), log=lambda *_: None)
+    lines: list[str] = []
+    out = run_eval(str(path), log=lines.append)
+    assert any("in one Ray Data pass (2 actor(s))" in x for x in lines), lines
     a07 = out["results"]["a"][0.7]
     wr = a07["winrate/vs_b"]
     assert 0 <= wr.low <= wr.estimate <= wr.high <= 1 and wr.n == len(PROMPTS)

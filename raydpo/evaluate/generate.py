@@ -6,8 +6,9 @@ policy and the reference, so KL(π‖π_ref) can be estimated from the samples t
 (metrics.kl_from_samples). Repeat k at temperature t of the chunk starting at prompt i is seeded by
 (seed, i, t, k) alone (`chunk_seed`), not by which other temperatures or policies are sampled with
 it, and whoever runs it: `sample_policies` (a Ray Data actor pool over the chunks of every policy,
-one pass, so the actors start once) and `sample_local` (this process, for checkpoints evaluated
-along training) give the same completions.
+one pass, so the actors start once), `sample_in_process` (every policy in this process, for an eval
+too small to repay starting actors: `sampling_work`) and `sample_local` (one policy in this process,
+for checkpoints evaluated along training) give the same completions.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from raydpo.ops.logprobs import rollout_logps
 
 COLUMNS = ("idx", "prompt", "temperature", "sample", "completion", "logp_policy", "logp_ref")
 CHUNK = 32  # prompts per chunk (and per `generate` call)
+WEIGHT_FILES = (".safetensors", ".bin", ".pt")  # what `weight_bytes` counts in a model directory
 
 
 class SampleJob(NamedTuple):
@@ -141,6 +143,32 @@ def sample_policy(policy: str | Path, prompts: list[str], *, reference: str | Pa
     job = {"policy": SampleJob(str(policy), n, seed)}
     return sample_policies(job, prompts, reference=reference, temperatures=temperatures,
                            max_new_tokens=max_new_tokens, chunk=batch_size)["policy"]  # fmt: skip
+
+
+def sample_in_process(jobs: dict[str, SampleJob], prompts: list[str], *, reference: str | Path | None = None,
+                      temperatures=(1.0,), max_new_tokens: int = 24,
+                      chunk: int = CHUNK) -> dict[str, list[dict]]:  # fmt: skip
+    """What `sample_policies` returns, computed in this process job by job (no Ray; the reference is
+    loaded once)."""
+    ref = load_causal_lm(str(reference)) if reference else None
+    return {key: sample_local(job, prompts, reference=ref, temperatures=temperatures,
+                              max_new_tokens=max_new_tokens, chunk=chunk)
+            for key, job in jobs.items()}  # fmt: skip
+
+
+def weight_bytes(model_dir: str | Path) -> int:
+    """Bytes of the weight files (WEIGHT_FILES) directly in a model directory: its size, without torch."""
+    return sum(f.stat().st_size for f in Path(model_dir).iterdir() if f.name.endswith(WEIGHT_FILES))
+
+
+def sampling_work(jobs: dict[str, SampleJob], n_prompts: int, reference: str | Path | None, temperatures,
+                  max_new_tokens: int) -> float:  # fmt: skip
+    """A size for the sampling of `jobs`: per job, the bytes of its policy's weights (and the
+    reference's, which scores every sample) times the tokens it generates (prompts × temperatures ×
+    n × max_new_tokens). Weight bytes × tokens is proportional to the forward passes' work."""
+    ref = weight_bytes(reference) if reference else 0
+    return float(sum((weight_bytes(job.policy) + ref) * n_prompts * len(temperatures) * job.n * max_new_tokens
+                     for job in jobs.values()))  # fmt: skip
 
 
 @contextmanager

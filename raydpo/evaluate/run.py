@@ -47,7 +47,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import ray
 from pydantic import Discriminator, Field, Tag, ValidationError, field_validator, model_validator
@@ -57,7 +57,7 @@ from raydpo.config import TrackingConfig, _describe, _Strict, apply_overrides, r
 from raydpo.data.prompts import read_prompts as read_prompt_column
 from raydpo.engine.session import start_ray
 from raydpo.errors import ConfigError, UserError
-from raydpo.evaluate.generate import CHUNK, SampleJob, sample_policies
+from raydpo.evaluate.generate import CHUNK, SampleJob, sample_in_process, sample_policies, sampling_work
 from raydpo.evaluate.judges import make_judge
 from raydpo.evaluate.metrics import Interval, across_seeds, kl_from_samples, mean_interval, win_rate
 from raydpo.evaluate.report import fmt_interval, plot_frontier, plot_winrates, results_table
@@ -94,6 +94,10 @@ class EvalConfig(_Strict):
     #   of temperatures); None = at the same temperature as the policy's
     n: int = Field(1, gt=0)  # samples per prompt and temperature
     max_new_tokens: int = Field(24, gt=0)  # completion length limit
+    workers: int | Literal["auto"] = "auto"  # sampling actors (Ray Data); 0 = in this process, no Ray;
+    #   auto = 0 when the sampling is small (generate.sampling_work up to SMALL_SAMPLING: starting an
+    #   actor that loads torch and transformers takes longer), else one per free CPU, at most this
+    #   machine's cores on a one-node Ray
     seed: int = 0  # sampling seed (the first one)
     seeds: int = Field(1, gt=0)  # sampling seeds seed ... seed + seeds − 1; results are means across them
     output_dir: str = "runs"  # results go to <output_dir>/<name>
@@ -110,6 +114,13 @@ class EvalConfig(_Strict):
     @classmethod
     def _safe(cls, v: str) -> str:
         return safe_name(v)
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError("must be 0 (in this process), a positive number of actors, or 'auto'")
+        return v
 
     @model_validator(mode="after")
     def _baselines_known(self) -> EvalConfig:
@@ -169,9 +180,30 @@ def best_of_n_kl(n: int):
     return Interval(v, v, v, 0)
 
 
+SMALL_SAMPLING = 1e11  # `workers: auto` samples in this process up to this generate.sampling_work (the
+#   tiny demo's two evals, 2.4e10 and 5.9e10, took 6 s and 9 s in process against 32 s and 41 s with
+#   four actors on 2 cores)
+
+
+def sampling_actors(cfg: EvalConfig, jobs: dict[str, SampleJob], n_prompts: int, reference: Path) -> int:
+    """`cfg.workers`, with `auto` resolved: 0 (this process) for a small sampling, else one actor per
+    free Ray CPU and per chunk, and on a one-node Ray (this machine) at most its cores: Ray may count
+    more CPUs than there are, and each actor's start-up is the same imports again."""
+    if cfg.workers != "auto":
+        return cfg.workers
+    if sampling_work(jobs, n_prompts, reference, cfg.temperatures, cfg.max_new_tokens) <= SMALL_SAMPLING:
+        return 0
+    start_ray()
+    chunks = len(jobs) * -(-n_prompts // CHUNK)
+    free = int(ray.available_resources().get("CPU", 1))
+    if len([n for n in ray.nodes() if n.get("Alive")]) == 1:
+        free = min(free, os.cpu_count() or 1)
+    return max(1, min(chunks, free))
+
+
 def sample_all(cfg: EvalConfig, prompts: list[str], reference: Path, log) -> dict[int, dict[str, list[dict]]]:
     """Per sampling seed, the samples of every policy (Best-of-N: its selections), each over the same
-    prompts and slots; every policy and seed in one Ray Data pass."""
+    prompts and slots; every policy and seed in one Ray Data pass, or in this process (`cfg.workers`)."""
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
     keys, jobs = {}, {}
     for s in seeds:
@@ -179,12 +211,16 @@ def sample_all(cfg: EvalConfig, prompts: list[str], reference: Path, log) -> dic
             n = cfg.n * spec.best_of_n if isinstance(spec, BestOfNPolicy) else cfg.n
             keys[(name, s)] = key = f"{len(keys)}:{name}@{s}"
             jobs[key] = SampleJob(str(policy_path(spec)), n, s)
-    chunks = len(jobs) * -(-len(prompts) // CHUNK)
-    actors = max(1, min(chunks, int(ray.available_resources().get("CPU", 1))))  # one per free CPU
-    log(f"  sampling {len(cfg.policies)} policies × {len(seeds)} seed(s) × {len(cfg.temperatures)} "
-        f"temperature(s) in one Ray Data pass ({actors} actor(s))")  # fmt: skip
-    drawn = sample_policies(jobs, prompts, reference=reference, temperatures=cfg.temperatures,
-                            max_new_tokens=cfg.max_new_tokens, concurrency=actors)  # fmt: skip
+    what = f"{len(cfg.policies)} policies × {len(seeds)} seed(s) × {len(cfg.temperatures)} temperature(s)"
+    kw = {"reference": reference, "temperatures": cfg.temperatures, "max_new_tokens": cfg.max_new_tokens}
+    actors = sampling_actors(cfg, jobs, len(prompts), reference)
+    if actors == 0:
+        log(f"  sampling {what} in this process")
+        drawn = sample_in_process(jobs, prompts, **kw)
+    else:
+        start_ray()
+        log(f"  sampling {what} in one Ray Data pass ({actors} actor(s))")
+        drawn = sample_policies(jobs, prompts, concurrency=actors, **kw)
     out: dict[int, dict[str, list[dict]]] = {s: {} for s in seeds}
     for name, spec in cfg.policies.items():
         score = None
@@ -368,7 +404,6 @@ def run_eval(path: str, overrides: list[str] = (), log=print) -> dict:
     judge.check()  # an unreachable judge fails here, before any generation
     reward = get_reward(cfg.reward) if cfg.reward else None
     prompts = read_prompts(cfg)
-    start_ray()
     log(
         f"eval {cfg.name}: {len(policies)} policies × {len(prompts)} prompts × "
         f"{len(cfg.temperatures)} temperatures"
