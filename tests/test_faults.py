@@ -133,7 +133,8 @@ def test_ray_run_stops_on_an_infinite_gradient_with_no_checkpoint_after_it(ray_l
     from raydpo.methods import train
 
     inject_fault(inf_grad_at_step=2)
-    cfg = run_cfg(run_name="inf", train={"checkpoint_every": 1}, tracking={"enabled": False})
+    cfg = run_cfg(run_name="inf", train={"checkpoint_every": 1}, tracking={"enabled": False},
+                  scaling={"num_workers": 1})  # fmt: skip
     with pytest.raises(RuntimeError, match=r"non-finite gradient norm \(inf\) at step 2, pairs tiny-"):
         train(cfg, log=lambda *_: None, stream=None)
     ckpts = sorted(d for d in (tmp_path / "runs" / "inf").glob("checkpoint_*") if d.is_dir())
@@ -147,14 +148,15 @@ def test_ray_run_stops_on_an_infinite_gradient_with_no_checkpoint_after_it(ray_l
 def test_ray_resume_falls_back_past_a_damaged_latest_checkpoint(ray_local, run_cfg, tmp_path):
     from raydpo.methods import train
 
-    over = {"train": {"max_steps": 4, "checkpoint_every": 2}, "tracking": {"enabled": False}}
+    over = {"train": {"max_steps": 4, "checkpoint_every": 2}, "tracking": {"enabled": False},
+            "scaling": {"num_workers": 1}}  # fmt: skip
     train(run_cfg(run_name="dmg", **over), log=lambda *_: None, stream=None)
     run_dir = tmp_path / "runs" / "dmg"
     latest = sorted(d for d in run_dir.glob("checkpoint_*") if d.is_dir())[-1]
     state = latest / "trainer_state.pt"
     state.write_bytes(state.read_bytes()[:100])
     lines: list[str] = []
-    more = run_cfg(run_name="dmg", train={"max_steps": 6, "checkpoint_every": 2}, tracking={"enabled": False})
+    more = run_cfg(run_name="dmg", **{**over, "train": {"max_steps": 6, "checkpoint_every": 2}})
     out = train(more, log=lines.append, stream=None, resume=True)
     assert [h["step"] for h in out["history"]] == [3, 4, 5, 6]  # from the step-2 checkpoint
     assert any(latest.name in x and "trainer_state.pt has 100 bytes" in x for x in lines)
