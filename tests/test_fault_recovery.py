@@ -1,6 +1,8 @@
 """Faults injected from outside the training code: a Ray Train worker SIGKILLed, the driver SIGKILLed
 and the command run again, a sweep driver SIGKILLed and resumed. Drivers run as subprocesses that
-join the tests' shared Ray (RAY_ADDRESS), so killing one ends only that driver and its job."""
+join the tests' shared Ray (RAY_ADDRESS), so killing one ends only that driver and its job. The
+killed runs train a LoRA adapter (their checkpoints and export are the adapter; the reference is
+the base model), so a LoRA run's restart and resume are tested here too."""
 
 import json
 import os
@@ -66,6 +68,7 @@ def train_args(tiny_llama_dir, tmp_path, run_name: str, **extra) -> list[str]:
             "train.max_steps": 8, "train.batch_size": 4, "train.checkpoint_every": 2, "optim.lr": 1e-3,
             "data.max_length": 48, "data.max_prompt_length": 24, "scaling.num_workers": 2,
             "data.eval_fraction": 0.25, "train.eval_every": 2,  # a resumed run evaluates the same split
+            "model.lora.r": 4,
             "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment": "f",
             **extra}  # fmt: skip
     return ["train", *(f"{k}={v}" for k, v in over.items())]
@@ -116,6 +119,13 @@ def test_a_killed_worker_restarts_from_its_checkpoint_on_the_same_curve(tiny_lla
     assert [losses[s] for s in range(1, 9)] == pytest.approx(
         [uninterrupted.loss[s] for s in range(1, 9)], abs=1e-5
     )
+    assert losses[1] == pytest.approx(0.693147, abs=1e-5)  # LoRA adapters start at zero: policy = reference
+    assert losses[8] < losses[1]
+    from peft import AutoPeftModelForCausalLM
+
+    final = tmp_path / "runs" / "w" / "final"
+    assert (final / "adapter_config.json").is_file() and not (final / "model.safetensors").exists()
+    AutoPeftModelForCausalLM.from_pretrained(final)
 
 
 def test_a_killed_driver_run_again_resumes_the_same_run(tiny_llama_dir, tmp_path, env, uninterrupted):

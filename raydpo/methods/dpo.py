@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from raydpo.config import LossConfig, RunConfig
+from raydpo.engine.distributed import unwrap
 from raydpo.engine.method import Method, Metrics, Objective
 from raydpo.losses import LOSSES, combined_loss
 from raydpo.ops.logprobs import SequenceLogps, pair_logps
@@ -35,9 +36,10 @@ def reference_logps(reference, policy, batch: dict, response_only: bool = False)
     if reference is not None:
         with torch.no_grad():
             return pair_logps(reference, batch, response_only).sum
-    if hasattr(policy, "disable_adapter"):  # peft: the base model with adapters off is the reference
-        with torch.no_grad(), policy.disable_adapter():
-            return pair_logps(policy, batch, response_only).sum
+    base = unwrap(policy)  # under DDP the adapters sit on the wrapped module
+    if hasattr(base, "disable_adapter"):  # peft: the base model with adapters off is the reference
+        with torch.no_grad(), base.disable_adapter():
+            return pair_logps(base, batch, response_only).sum
     return None
 
 
