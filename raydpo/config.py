@@ -16,7 +16,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, Tag, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from raydpo.errors import ConfigError
 from raydpo.redact import redact_mapping
@@ -28,6 +37,19 @@ def safe_name(v: str, field: str = "name") -> str:
     if not v or any(c in v for c in "/\\") or v.startswith("."):
         raise ValueError(f"{field} must be a non-empty name without slashes that does not start with '.'")
     return v
+
+
+def _actor_count(v: int | str) -> int | str:
+    if isinstance(v, int) and v < 0:
+        raise ValueError(
+            "must be 0 (no actor: this process does the work), a positive number of actors, or 'auto'"
+        )
+    return v
+
+
+# A number of Ray Data actors for a stage (data.tokenize_workers, train.reference_workers, an eval's
+# workers): 0 runs the stage in the calling process, `auto` lets the stage decide by its size.
+Actors = Annotated[int | Literal["auto"], AfterValidator(_actor_count)]
 
 
 class _Strict(BaseModel):
@@ -77,7 +99,7 @@ class DataConfig(_Strict):
     max_bad_fraction: float = Field(0.05, ge=0, le=1)  # stop if more rows than this are quarantined
     quarantine_path: str | None = None  # None = <train.output_dir>/quarantine.jsonl
     max_rows: int | None = Field(None, gt=0)  # read at most this many rows (quick experiments)
-    tokenize_workers: int | Literal["auto"] = "auto"  # Ray Data actors that validate and tokenize; 0 = in
+    tokenize_workers: Actors = "auto"  # Ray Data actors that validate and tokenize; 0 = in
     #   the driver process, no actor (small sources: starting an actor that loads the tokenizer costs
     #   seconds); auto = 0 for JSON-lines files up to 16 MiB and built-in sets up to 256 rows that are not
     #   streamed, else 1 (data/pipeline.py)
@@ -85,13 +107,6 @@ class DataConfig(_Strict):
     #   stream from there, each worker reading only its shard (Ray Train's split; 1x8 = 2x4 statistically,
     #   not exactly); off: held in Ray's object store, every worker reads every row and keeps its slice of
     #   each global batch (1x8 = 2x4 exactly); auto = on for local files over 1 GiB (data/pipeline.py)
-
-    @field_validator("tokenize_workers")
-    @classmethod
-    def _workers(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and v < 0:
-            raise ValueError("must be 0 (in the driver), a positive number of actors, or 'auto'")
-        return v
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> DataConfig:
@@ -168,6 +183,9 @@ class TrainConfig(_Strict):
     #   global batches of the epoch's seeded order is sorted by length, cut, and its batches shuffled
     precompute_reference: bool = False  # score the data with the reference once, before training, cached
     #   under <output_dir>/.reference-cache (engine/reference.py); workers then hold only the policy
+    reference_workers: Actors = "auto"  # Ray Data actors that score
+    #   the reference; 0 = in the driver process (a materialized dataset; a streamed one always takes an
+    #   actor); auto = 0 when reference weight bytes × tokens scored is at most 1e11, else 1
     output_dir: str = "runs"  # run outputs go to <output_dir>/<run_name>
     storage_path: str | None = None  # checkpoints and the final model go to <storage_path>/<run_name>: a URI
     #   every node reaches (s3://bucket/prefix; credentials and AWS_ENDPOINT_URL from the environment) or a

@@ -93,7 +93,8 @@ def test_workers_auto_samples_a_small_eval_in_process_and_a_large_one_on_at_most
     import os
 
     from raydpo.evaluate import run
-    from raydpo.evaluate.generate import SampleJob, sampling_work, weight_bytes
+    from raydpo.evaluate.generate import SampleJob, sampling_work
+    from raydpo.models.paths import weight_bytes
 
     model = str(tiny_llama_dir)
     cfg = run.EvalConfig(prompts="p.jsonl", reference=model, policies={"a": model}, temperatures=[0.0, 1.0],

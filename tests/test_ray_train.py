@@ -101,33 +101,6 @@ def test_two_workers_batch4_equal_one_worker_batch8(ray_local, run_cfg, tmp_path
     assert len(diffs) == len(b.state_dict()) and max(diffs) < 1e-4
 
 
-def test_worker_failure_restarts_within_the_run(ray_local, run_cfg, tmp_path, inject_fault):
-    """max_failures=1: Ray restarts the workers from the latest checkpoint; one MLflow run.
-    With LoRA: the checkpoint and the export are the adapter; the reference is the base model."""
-    from mlflow.tracking import MlflowClient
-
-    from raydpo.methods import train as run
-
-    inject_fault(3, tmp_path / "fired")
-    cfg = run_cfg(
-        run_name="restart",
-        train={"checkpoint_every": 2},
-        scaling={"max_failures": 1, "num_workers": 1},
-        model={"lora": {"r": 4}},
-    )
-    out = run(cfg, log=lambda *_: None)
-    assert (tmp_path / "fired").exists()
-    assert [h["step"] for h in out["history"]] == [1, 2, 3, 4]
-    assert out["history"][0]["loss"] == pytest.approx(0.693147, abs=1e-5)  # adapters start at zero
-    assert out["history"][-1]["loss"] < out["history"][0]["loss"]
-    from peft import AutoPeftModelForCausalLM
-
-    assert (tmp_path / "runs" / "restart" / "final" / "adapter_config.json").exists()
-    AutoPeftModelForCausalLM.from_pretrained(out["final_model"])
-    client = MlflowClient(tracking_uri=cfg.tracking.tracking_uri)
-    assert len(client.search_runs([client.get_experiment_by_name("t").experiment_id])) == 1
-
-
 def test_epoch_order_is_seeded_and_differs_per_epoch(ray_local, run_cfg):
     """Every worker sees the same seeded order (so their slices partition each global batch), the
     order changes from epoch to epoch, and the same seed gives the same order again."""
@@ -226,16 +199,36 @@ def test_reference_log_probs_are_computed_once_and_train_the_same(
 
     live = plain_run(run_cfg, tmp_path_factory)
     lines: list[str] = []
-    pre = {**CURVE["train"], "precompute_reference": True}
+    pre = {**CURVE["train"], "precompute_reference": True, "reference_workers": 1}  # the actor-pool stage
     first = run(run_cfg(run_name="pre1", train=pre, data=CURVE["data"]), log=lines.append)
     packed = {**pre, "prefix_sharing": True, "packing": True, "grad_accum_steps": 2}
     again = run(run_cfg(run_name="pre2", train=packed, data=CURVE["data"]), log=lines.append)
     computed = [x for x in lines if x.startswith("reference log-probs: computed")]
     reused = [x for x in lines if x.startswith("reference log-probs: reused")]
     assert len(computed) == 1 and len(reused) == 1, lines
+    assert "(by 1 Ray Data actor(s))" in computed[0]
     (cache,) = (tmp_path / "runs" / ".reference-cache").iterdir()
     done = json.loads((cache / "done.json").read_text())
     assert done["splits"] == ["eval", "train"] and done["rows"] == 64  # builtin:tiny-prefs, all rows
+
+    # Scored in this process instead (`reference_workers: 0`, what `auto` picks for such tiny work):
+    # the same rows in the same order with the same log-probs, so the same cache.
+    from raydpo.engine.launch import build_datasets
+    from raydpo.engine.reference import _read, attach
+
+    here_train = {**pre, "reference_workers": 0, "output_dir": str(tmp_path / "here")}
+    here_cfg = run_cfg(run_name="here", data=CURVE["data"], train=here_train)
+    train, evalset, _ = build_datasets(here_cfg, log=lambda *_: None)
+    here_lines: list[str] = []
+    attach(here_cfg, {"train": train, "eval": evalset}, here_lines.append)
+    assert "(in this process)" in here_lines[0], here_lines
+    (here,) = (tmp_path / "here" / ".reference-cache").iterdir()
+    assert here.name == cache.name  # the key does not depend on how it is computed
+    for split in ("train", "eval"):
+        a, b = _read(cache / split).to_pandas(), _read(here / split).to_pandas()
+        assert list(a["id"]) == list(b["id"]) and len(a) > 0
+        for col in ("ref_chosen", "ref_rejected"):
+            assert a[col].to_numpy() == pytest.approx(b[col].to_numpy(), abs=1e-5), (split, col)
     keys = ["loss", "logps/chosen", "rewards/margins", "eval/loss"]
     for h_live, h_pre, h_again in zip(live["history"], first["history"], again["history"]):
         for k in (k for k in keys if k in h_live):

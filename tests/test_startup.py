@@ -4,6 +4,9 @@
   driver itself (`data.tokenize_workers: auto` → 0): the same Dataset, row for row, block for block
   and in the same order, and the same quarantine file, as the Ray Data actor stage gives (both paths
   run here on the same sources).
+- A small reference scoring (`train.precompute_reference`) runs in the driver
+  (`train.reference_workers: auto` → 0); tests/test_ray_train.py checks that it writes the cache the
+  actor stage writes.
 - Ray Train's controller gets the loop config as an object reference (`engine.launch.fit`), so it
   never unpickles the Method (which would import torch and transformers there).
 - A Ray Train worker takes Ray Data's batches in runs (`engine.worker.pull_ahead`), in their order.
@@ -57,6 +60,39 @@ def test_tokenize_workers_rejects_a_negative_count():
     with pytest.raises(ConfigError, match="tokenize_workers"):
         _cfg(tokenize_workers=-1)
     assert _cfg(tokenize_workers="auto").data.tokenize_workers == "auto"
+
+
+def test_reference_workers_auto_scores_small_work_in_the_driver(tiny_llama_dir, monkeypatch):
+    """auto: the driver (0) while reference weight bytes × tokens (rows × 2 × max_length) is at most
+    SMALL_SCORING, else one actor; a number is used as given; a streamed dataset always gets an actor;
+    a hub name (size unknown here) gets an actor; a negative number is refused."""
+    from raydpo.config import build_config
+    from raydpo.engine import reference
+    from raydpo.errors import ConfigError
+    from raydpo.models.paths import weight_bytes
+
+    class Rows:  # what scoring_workers asks of a Dataset
+        def __init__(self, n):
+            self.n = n
+
+        def count(self):
+            return self.n
+
+    def workers(policy=str(tiny_llama_dir), rows=64, stream=False, **train):
+        data = {"max_length": 48, "max_prompt_length": 24}
+        cfg = build_config({"model": {"policy": policy}, "train": train, "data": data})
+        return reference.scoring_workers(cfg, {"train": Rows(rows), "eval": Rows(16)}, stream)
+
+    work = weight_bytes(tiny_llama_dir) * (64 + 16) * 2 * 48
+    assert 0 < work <= reference.SMALL_SCORING and workers() == 0
+    monkeypatch.setattr(reference, "SMALL_SCORING", work)
+    assert workers() == 0 and workers(rows=65) == 1  # at most the threshold stays in the driver
+    assert workers(reference_workers=3) == 3 and workers(rows=10**9, reference_workers=0) == 0
+    assert workers(stream=True) == 1 and workers(stream=True, reference_workers=0) == 1
+    assert workers(stream=True, reference_workers=2) == 2
+    assert workers(policy="some-org/some-model") == 1
+    with pytest.raises(ConfigError, match="reference_workers"):
+        build_config({"train": {"reference_workers": -1}})
 
 
 def _mixed_jsonl(path: Path) -> Path:
@@ -202,8 +238,9 @@ def test_pull_ahead_keeps_the_order_and_takes_one_batch_then_runs():
 
 def test_a_local_ray_starts_fewer_helper_processes_and_a_cluster_keeps_rays_defaults(monkeypatch):
     """start_ray on one local node turns off Ray Train's preemption watcher (nothing to preempt) and has
-    Ray Data read parquet footers with one actor instead of 32 (each is a process); joining a cluster
-    leaves Ray's defaults, and a user's own setting stands."""
+    Ray Data read parquet footers with one actor instead of 32 (each is a process), and sets the rest
+    of LOCAL_RAY_ENV (metrics, task events, log monitor); joining a cluster leaves Ray's defaults, and
+    a user's own setting stands."""
     import os
 
     import ray
@@ -226,8 +263,13 @@ def test_a_local_ray_starts_fewer_helper_processes_and_a_cluster_keeps_rays_defa
             monkeypatch.setattr(session, "check_ray_address", lambda a: None)
         else:
             monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        others = [k for k in session.LOCAL_RAY_ENV if k not in (watcher, footers)]
+        for var in others:
+            monkeypatch.delenv(var, raising=False)
         session.start_ray(2)
         assert (os.environ.get(watcher), os.environ.get(footers)) == want, (address, preset)
+        set_here = [os.environ.get(k) for k in others]
+        assert set_here == ([None] * len(others) if address else [session.LOCAL_RAY_ENV[k] for k in others])
     assert [c.get("address") for c in calls] == ["local", "local", None]
 
 

@@ -3,7 +3,10 @@ training, cached on disk, so training keeps only the policy in memory.
 
 The stage scores every tokenized pair with the reference model (`ops.logprobs.pair_logps`, two rows
 per pair, no gradients) and stores the pairs with two more columns, `ref_chosen` and `ref_rejected`
-(summed log-probs), as parquet under `<train.output_dir>/.reference-cache/<key>/<split>/`. The key
+(summed log-probs), as parquet under `<train.output_dir>/.reference-cache/<key>/<split>/`. A small
+materialized dataset is scored in the driver process instead (`scoring_workers`: an actor that
+imports torch and transformers and loads the model takes seconds to start, longer than such a
+dataset takes to score); the same scorer, batches and order, so the same cache. The key
 is a sha256 over what decides those numbers: the reference weights (every file's size, and its
 bytes below 64 MiB), the tokenizer, the data section of the config, the source's digest and the
 eval split's seed. A run or sweep trial with the same key reads the cache instead of scoring again;
@@ -37,12 +40,20 @@ from raydpo.config import RunConfig
 from raydpo.data.tokenize import TokenizedPair, collate, pad_token_id
 from raydpo.engine.checkpointing import HASHED_BELOW, _sha256
 from raydpo.models.loading import load_reference, load_tokenizer
+from raydpo.models.paths import local_model_dir, weight_bytes
+from raydpo.models.tiny import builtin_model_dir
 from raydpo.ops.logprobs import pair_logps
 from raydpo.tracking import dataset_digest
 
 CACHE_VERSION = 2  # 2: rows carry their position
 COLUMNS = ("ref_chosen", "ref_rejected")
 POSITION = "_position"  # a row's place in the scored dataset, in the cache files only
+BATCH = 16  # pairs per forward pass of the scorer
+# `train.reference_workers: auto` scores in the driver when the reference's weight bytes × the tokens
+# to score is at most this (the tests' tiny models on 64 pairs: about 5e9; `raydpo bench`'s 4.7M-
+# parameter model on 192 pairs: about 2e12). 1e11 is about a second of forward passes on this
+# project's 2-core machine, against 5-9 s for a scoring actor to start.
+SMALL_SCORING = 1e11
 
 
 def _files_digest(h, name: str) -> None:
@@ -77,26 +88,48 @@ def cache_dir(cfg: RunConfig) -> Path:
 
 
 class ScoreReference:
-    """Ray Data actor: loads the reference once, adds `ref_chosen` / `ref_rejected` to each batch."""
+    """Ray Data actor (or, `threads` None, a plain object in the driver): loads the reference once,
+    adds `ref_chosen` / `ref_rejected` to each batch."""
 
-    def __init__(self, run_config: dict, threads: int):
+    def __init__(self, run_config: dict, threads: int | None = None):
         cfg = RunConfig.model_validate(run_config)
-        torch.set_num_threads(max(1, threads))
+        if threads is not None:  # an actor's own process; the driver keeps its torch settings
+            torch.set_num_threads(max(1, threads))
         model_cfg = cfg.model.model_copy(update={"lora": None})  # a LoRA run's reference is its base
         self.model = load_reference(model_cfg)
         self.pad_id = pad_token_id(load_tokenizer(cfg.model))
-        self.calls = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        pairs = [TokenizedPair(list(p), list(c), list(r)) for p, c, r in
-                 zip(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"])]  # fmt: skip
+        chosen, rejected = self.score(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"])
+        return {**batch, "ref_chosen": chosen, "ref_rejected": rejected}
+
+    def score(self, prompts, chosen, rejected) -> tuple[np.ndarray, np.ndarray]:
+        """Summed reference log-probs of each pair's chosen and rejected response, (B,) each."""
+        pairs = [TokenizedPair(list(p), list(c), list(r)) for p, c, r in zip(prompts, chosen, rejected)]
         with torch.no_grad():
             logps = pair_logps(self.model, collate(pairs, self.pad_id)).sum.double().numpy()  # (2B,)
-        n = len(pairs)
-        return {**batch, "ref_chosen": logps[:n], "ref_rejected": logps[n:]}
+        return logps[: len(pairs)], logps[len(pairs) :]
 
 
-def attach(cfg: RunConfig, datasets: dict, log, workers: int = 1, stream: bool = False) -> tuple[dict, str]:
+def scoring_workers(cfg: RunConfig, datasets: dict, stream: bool) -> int:
+    """Actors of the scoring stage, 0 for the driver (`train.reference_workers`). A streamed dataset
+    always takes at least one actor; `auto`: the driver when the work (SMALL_SCORING) is small."""
+    w = cfg.train.reference_workers
+    if stream:
+        return max(1, 1 if w == "auto" else w)
+    if w != "auto":
+        return w
+    name = cfg.model.reference or cfg.model.policy
+    folder = (
+        builtin_model_dir(name) if name.startswith("builtin:") else local_model_dir(name, "model.reference")
+    )
+    if folder is None:  # a hub name: its size is not known here
+        return 1
+    tokens = sum(ds.count() for ds in datasets.values()) * 2 * cfg.data.max_length  # an upper bound
+    return 0 if weight_bytes(folder) * tokens <= SMALL_SCORING else 1
+
+
+def attach(cfg: RunConfig, datasets: dict, log, stream: bool = False) -> tuple[dict, str]:
     """`datasets` ({"train": Dataset, "eval": Dataset?}) with the reference columns, read from the
     cache (computed first if missing), materialized or (`stream`) as a stream over the parquet files.
     Returns them and "computed <key>" or "reused <key>"."""
@@ -107,28 +140,57 @@ def attach(cfg: RunConfig, datasets: dict, log, workers: int = 1, stream: bool =
         outcome = "computed"
         tmp = root.with_name(f"{key}.tmp-{time.time_ns()}")
         t0 = time.monotonic()
-        threads = max(1, int(ray.available_resources().get("CPU", 1)) // max(1, workers))
-        rows = 0
-        for split, ds in datasets.items():
-            write_in_order(
-                ds, tmp / split, ScoreReference,
-                fn_constructor_kwargs={"run_config": cfg.model_dump(mode="json"), "threads": threads},
-                compute=ray.data.ActorPoolStrategy(size=workers), batch_size=16, batch_format="numpy",
-                num_cpus=threads,
-            )  # fmt: skip
-            rows += ray.data.read_parquet(str(tmp / split)).count()  # the files' metadata: a streamed
-            #   `ds` is not read a second time
+        workers = scoring_workers(cfg, datasets, stream)
+        run_config = cfg.model_dump(mode="json")
+        if workers == 0:
+            scorer = ScoreReference(run_config)
+            for split, ds in datasets.items():
+                score_here(ds, tmp / split, scorer)
+            del scorer
+        else:
+            threads = max(1, int(ray.available_resources().get("CPU", 1)) // workers)
+            for split, ds in datasets.items():
+                write_in_order(
+                    ds, tmp / split, ScoreReference,
+                    fn_constructor_kwargs={"run_config": run_config, "threads": threads},
+                    compute=ray.data.ActorPoolStrategy(size=workers), batch_size=BATCH, batch_format="numpy",
+                    num_cpus=threads,
+                )  # fmt: skip
+        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in tmp.glob("*/*.parquet"))  # the files'
+        #   metadata: a streamed `ds` is not read a second time
         (tmp / "done.json").write_text(json.dumps({"key": key, "rows": rows, "splits": sorted(datasets),
-                                                   "seconds": round(time.monotonic() - t0, 2)}))  # fmt: skip
+                                                   "seconds": round(time.monotonic() - t0, 2),
+                                                   "workers": workers}))  # fmt: skip
         if root.exists():  # a half-written cache of an earlier attempt (no done.json)
             shutil.rmtree(root)
         tmp.rename(root)
         took = time.monotonic() - t0
-        log(f"reference log-probs: computed for {rows} rows in {took:.1f} s, cached in {root}")
+        where = "in this process" if workers == 0 else f"by {workers} Ray Data actor(s)"
+        log(f"reference log-probs: computed for {rows} rows in {took:.1f} s ({where}), cached in {root}")
     else:
         log(f"reference log-probs: reused from {root}")
     out = {split: _read(root / split, stream) for split in datasets}
     return out, f"{outcome} {key}"
+
+
+def score_here(ds, folder: Path, scorer: ScoreReference) -> None:
+    """`scorer` over a materialized `ds` in this process, in the order a training worker iterates it
+    (as `write_in_order` keeps it), batches of BATCH rows; one parquet file in `folder`."""
+    ctx = ds.context.execution_options
+    ordered, ctx.preserve_order = ctx.preserve_order, True
+    tables = []
+    try:
+        for t in ds.iter_batches(batch_size=BATCH, batch_format="pyarrow"):
+            cols = [t.column(c).to_pylist() for c in ("prompt_ids", "chosen_ids", "rejected_ids")]
+            chosen, rejected = scorer.score(*cols)
+            tables.append(
+                t.append_column(COLUMNS[0], pa.array(chosen)).append_column(COLUMNS[1], pa.array(rejected))
+            )
+    finally:
+        ctx.preserve_order = ordered
+    folder.mkdir(parents=True)
+    if tables:
+        pq.write_table(pa.concat_tables(tables), folder / "scored.parquet")
 
 
 def write_in_order(ds, folder: Path, fn, **map_kwargs) -> None:

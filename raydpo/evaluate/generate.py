@@ -24,11 +24,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from raydpo.models.generation import sample_responses
+from raydpo.models.paths import weight_bytes
 from raydpo.ops.logprobs import rollout_logps
 
 COLUMNS = ("idx", "prompt", "temperature", "sample", "completion", "logp_policy", "logp_ref")
 CHUNK = 32  # prompts per chunk (and per `generate` call)
-WEIGHT_FILES = (".safetensors", ".bin", ".pt")  # what `weight_bytes` counts in a model directory
 
 
 class SampleJob(NamedTuple):
@@ -154,11 +154,6 @@ def sample_in_process(jobs: dict[str, SampleJob], prompts: list[str], *, referen
     return {key: sample_local(job, prompts, reference=ref, temperatures=temperatures,
                               max_new_tokens=max_new_tokens, chunk=chunk)
             for key, job in jobs.items()}  # fmt: skip
-
-
-def weight_bytes(model_dir: str | Path) -> int:
-    """Bytes of the weight files (WEIGHT_FILES) directly in a model directory: its size, without torch."""
-    return sum(f.stat().st_size for f in Path(model_dir).iterdir() if f.name.endswith(WEIGHT_FILES))
 
 
 def sampling_work(jobs: dict[str, SampleJob], n_prompts: int, reference: str | Path | None, temperatures,

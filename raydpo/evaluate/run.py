@@ -47,13 +47,13 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import ray
 from pydantic import Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from raydpo.config import TrackingConfig, _describe, _Strict, apply_overrides, read_yaml, safe_name
+from raydpo.config import Actors, TrackingConfig, _describe, _Strict, apply_overrides, read_yaml, safe_name
 from raydpo.data.prompts import read_prompts as read_prompt_column
 from raydpo.engine.session import start_ray
 from raydpo.errors import ConfigError, UserError
@@ -94,7 +94,7 @@ class EvalConfig(_Strict):
     #   of temperatures); None = at the same temperature as the policy's
     n: int = Field(1, gt=0)  # samples per prompt and temperature
     max_new_tokens: int = Field(24, gt=0)  # completion length limit
-    workers: int | Literal["auto"] = "auto"  # sampling actors (Ray Data); 0 = in this process, no Ray;
+    workers: Actors = "auto"  # sampling actors (Ray Data); 0 = in this process, no Ray;
     #   auto = 0 when the sampling is small (generate.sampling_work up to SMALL_SAMPLING: starting an
     #   actor that loads torch and transformers takes longer), else one per free CPU, at most this
     #   machine's cores on a one-node Ray
@@ -114,13 +114,6 @@ class EvalConfig(_Strict):
     @classmethod
     def _safe(cls, v: str) -> str:
         return safe_name(v)
-
-    @field_validator("workers")
-    @classmethod
-    def _workers(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and v < 0:
-            raise ValueError("must be 0 (in this process), a positive number of actors, or 'auto'")
-        return v
 
     @model_validator(mode="after")
     def _baselines_known(self) -> EvalConfig:

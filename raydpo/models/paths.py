@@ -20,3 +20,11 @@ def local_model_dir(name: str, field: str = "model.policy") -> Path | None:
     if not Path(name).expanduser().is_dir():
         raise ConfigError(f"{field}: path {name!r} does not exist or is not a directory")
     return Path(name).expanduser()
+
+
+WEIGHT_FILES = (".safetensors", ".bin", ".pt")  # what `weight_bytes` counts in a model directory
+
+
+def weight_bytes(model_dir: str | Path) -> int:
+    """Bytes of the weight files (WEIGHT_FILES) directly in a model directory: its size, without torch."""
+    return sum(f.stat().st_size for f in Path(model_dir).iterdir() if f.name.endswith(WEIGHT_FILES))
