@@ -99,9 +99,9 @@ class DataConfig(_Strict):
     max_bad_fraction: float = Field(0.05, ge=0, le=1)  # stop if more rows than this are quarantined
     quarantine_path: str | None = None  # None = <train.output_dir>/quarantine.jsonl
     max_rows: int | None = Field(None, gt=0)  # read at most this many rows (quick experiments)
-    tokenize_workers: Actors = "auto"  # Ray Data actors that validate and tokenize; 0 = in
-    #   the driver process, no actor (small sources: starting an actor that loads the tokenizer costs
-    #   seconds); auto = 0 for JSON-lines files up to 16 MiB and built-in sets up to 256 rows that are not
+    tokenize_workers: Actors = "auto"  # Ray Data actors that validate and tokenize; 0 = in the driver
+    #   process, no actor (small sources: starting an actor that loads the tokenizer costs seconds);
+    #   auto = 0 for JSON-lines files up to 16 MiB and built-in sets up to 256 rows that are not
     #   streamed, else 1 (data/pipeline.py)
     streaming: Literal["auto", "on", "off"] = "auto"  # on: tokenized rows go to parquet in the run dir and
     #   stream from there, each worker reading only its shard (Ray Train's split; 1x8 = 2x4 statistically,
@@ -183,9 +183,9 @@ class TrainConfig(_Strict):
     #   global batches of the epoch's seeded order is sorted by length, cut, and its batches shuffled
     precompute_reference: bool = False  # score the data with the reference once, before training, cached
     #   under <output_dir>/.reference-cache (engine/reference.py); workers then hold only the policy
-    reference_workers: Actors = "auto"  # Ray Data actors that score
-    #   the reference; 0 = in the driver process (a materialized dataset; a streamed one always takes an
-    #   actor); auto = 0 when reference weight bytes × tokens scored is at most 1e11, else 1
+    reference_workers: Actors = "auto"  # Ray Data actors that score the reference (precompute_reference);
+    #   0 = in the driver process (a materialized dataset; a streamed one always takes an actor);
+    #   auto = 0 when reference weight bytes × tokens to score is at most 1e11, else 1
     output_dir: str = "runs"  # run outputs go to <output_dir>/<run_name>
     storage_path: str | None = None  # checkpoints and the final model go to <storage_path>/<run_name>: a URI
     #   every node reaches (s3://bucket/prefix; credentials and AWS_ENDPOINT_URL from the environment) or a

@@ -50,9 +50,10 @@ COLUMNS = ("ref_chosen", "ref_rejected")
 POSITION = "_position"  # a row's place in the scored dataset, in the cache files only
 BATCH = 16  # pairs per forward pass of the scorer
 # `train.reference_workers: auto` scores in the driver when the reference's weight bytes × the tokens
-# to score is at most this (the tests' tiny models on 64 pairs: about 5e9; `raydpo bench`'s 4.7M-
-# parameter model on 192 pairs: about 2e12). 1e11 is about a second of forward passes on this
-# project's 2-core machine, against 5-9 s for a scoring actor to start.
+# to score (rows × 2 × data.max_length) is at most this (the tests' tiny Llama on 64 pairs of 48
+# tokens: 3.6e9; `raydpo bench`'s 4.7M-parameter model on 192 pairs of 512: 3.7e12). 1e11 is about
+# a second of forward passes on this project's 2-core machine, against 5-9 s for a scoring actor to
+# start.
 SMALL_SCORING = 1e11
 
 
