@@ -55,6 +55,20 @@ def test_rollout_logprobs_are_at_the_sampling_temperature(tiny_llama_dir, tmp_pa
     assert stats["approx_kl"].item() == pytest.approx(0.0, abs=1e-10)
 
 
+def test_ppo_with_lora_takes_the_base_model_as_its_reference(tiny_llama_dir, tmp_path):
+    """With model.lora (no model.reference) no reference is loaded: the rollout scores the reference
+    log-probs with the policy's adapters off. The adapters start at zero, so step 1's KL is 0; after
+    updates the adapters are on again for the policy (KL moves) and off for the reference."""
+    cfg = build_config({**_cfg(tiny_llama_dir, tmp_path).model_dump(mode="json"),
+                        "model": {"policy": str(tiny_llama_dir), "lora": {"r": 4}}})  # fmt: skip
+    assert load_reference(cfg.model) is None
+    tok = load_tokenizer(cfg.model)
+    hist = train_local(cfg, PPO_GT, PROMPTS, tok.eos_token_id)
+    assert [h["step"] for h in hist] == [1, 2, 3, 4]
+    assert hist[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert any(abs(h["kl"]) > 1e-4 for h in hist[1:])
+
+
 def test_resumed_ppo_continues_kl_coefficient_and_value_head(tiny_llama_dir, tmp_path):
     """Adaptive KL: a run resumed from its step-2 checkpoint reproduces steps 3-4 of the uninterrupted
     run, KL coefficient and value loss included (both come from the checkpoint)."""

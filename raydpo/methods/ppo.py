@@ -100,6 +100,19 @@ class PPORollout:
         out.update({"reward/rm_mean": rm.mean(), "reward/rm_std": rm.std()})
         return rm, out
 
+    def reference_model(self):
+        """The frozen reference; with `model.lora` and no `model.reference`, the policy's LM with its
+        adapters off (a module whose forward runs the base model; the adapters are on again after)."""
+        if self.reference is not None:
+            return self.reference
+        lm = unwrap(self.policy).lm  # under DDP the adapters sit on the wrapped module
+
+        def base(**inputs):
+            with lm.disable_adapter():
+                return lm(**inputs)
+
+        return base
+
     @torch.no_grad()
     def __call__(self, prompts: list[str], step: int) -> tuple[list[dict], Metrics]:
         cfg, p = self.cfg, self.cfg.ppo
@@ -117,7 +130,7 @@ class PPORollout:
         logits, values = self.policy(full_ids, full_mask)
         old_lp = response_logps(logits, full_ids, tq, p.temperature)  # (B, Tr)
         old_v = values[:, tq - 1 : -1]  # the value of the state before each response token
-        ref_lp = rollout_logps(self.reference, full_ids, full_mask, tq, p.temperature)
+        ref_lp = rollout_logps(self.reference_model(), full_ids, full_mask, tq, p.temperature)
         scores, metrics = self.score(prompts, ro.texts)
         rewards, _ = core.kl_penalized_rewards(scores, old_lp, ref_lp, mask, self.kl.value)
         adv, ret = core.gae(rewards, old_v, mask, p.gamma, p.lam)
