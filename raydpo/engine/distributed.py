@@ -6,7 +6,7 @@ Everything here also works in a single process without torch.distributed (world 
 from __future__ import annotations
 
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import ray.train.torch
 import torch
@@ -77,6 +77,21 @@ def prepare(policy, reference, scaling: ScalingConfig):
 
 def unwrap(model):
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def has_adapters(model) -> bool:
+    """Whether `model` (DDP-wrapped or not) is a peft model: its base with the adapters off is then
+    the reference when a run has `model.lora` and no `model.reference`."""
+    return hasattr(unwrap(model), "disable_adapter")
+
+
+@contextmanager
+def adapters_off(model):
+    """Yield the peft model under `model` (unwrapped from DDP, where the adapters sit) with its
+    adapters disabled, so its forward runs the base model; they are on again on exit."""
+    base = unwrap(model)
+    with base.disable_adapter():
+        yield base
 
 
 def no_sync_factory(model):

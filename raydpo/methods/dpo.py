@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from raydpo.config import LossConfig, RunConfig
-from raydpo.engine.distributed import unwrap
+from raydpo.engine.distributed import adapters_off, has_adapters
 from raydpo.engine.method import Method, Metrics, Objective
 from raydpo.losses import LOSSES, combined_loss
 from raydpo.ops.logprobs import SequenceLogps, pair_logps
@@ -36,9 +36,8 @@ def reference_logps(reference, policy, batch: dict, response_only: bool = False)
     if reference is not None:
         with torch.no_grad():
             return pair_logps(reference, batch, response_only).sum
-    base = unwrap(policy)  # under DDP the adapters sit on the wrapped module
-    if hasattr(base, "disable_adapter"):  # peft: the base model with adapters off is the reference
-        with torch.no_grad(), base.disable_adapter():
+    if has_adapters(policy):  # model.lora: the base model with the adapters off is the reference
+        with torch.no_grad(), adapters_off(policy) as base:
             return pair_logps(base, batch, response_only).sum
     return None
 

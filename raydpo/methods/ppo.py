@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from raydpo.config import RunConfig
-from raydpo.engine.distributed import unwrap
+from raydpo.engine.distributed import adapters_off, unwrap
 from raydpo.engine.method import Method, Metrics, Objective
 from raydpo.errors import UserError
 from raydpo.models.generation import sample_responses
@@ -105,11 +105,11 @@ class PPORollout:
         adapters off (a module whose forward runs the base model; the adapters are on again after)."""
         if self.reference is not None:
             return self.reference
-        lm = unwrap(self.policy).lm  # under DDP the adapters sit on the wrapped module
+        lm = unwrap(self.policy).lm
 
         def base(**inputs):
-            with lm.disable_adapter():
-                return lm(**inputs)
+            with adapters_off(lm) as m:
+                return m(**inputs)
 
         return base
 
