@@ -8,7 +8,8 @@
   (`train.reference_workers: auto` → 0); tests/test_ray_train.py checks that it writes the cache the
   actor stage writes.
 - Ray Train's controller gets the loop config as an object reference (`engine.launch.fit`), so it
-  never unpickles the Method (which would import torch and transformers there).
+  never unpickles the Method (which would import torch and transformers there), and a backend config
+  whose module imports no torch (`engine.backend.ProcessGroupConfig`; Ray's `TorchConfig` does).
 - A Ray Train worker takes Ray Data's batches in runs (`engine.worker.pull_ahead`), in their order.
 - A Ray Train worker imports neither peft (LoRA only) nor the distributed state-dict helpers (FSDP
   only) unless the run uses them.
@@ -180,8 +181,19 @@ def test_an_empty_source_is_refused_the_same_way_on_both_paths(ray_local, tmp_pa
 
 
 @pytest.mark.ray
+def _imports_torch_when_unpickled(obj) -> bool:
+    """Whether a fresh process that unpickles `obj` (as Ray Train's controller does) imports torch."""
+    import cloudpickle
+
+    code = "import pickle, sys; c = pickle.load(sys.stdin.buffer); c.to_dict(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], input=cloudpickle.dumps(obj), capture_output=True)
+    assert out.returncode == 0, out.stderr.decode()
+    return out.stdout.decode().strip() == "True"
+
+
 def test_the_controller_gets_the_loop_config_as_an_object_reference(ray_local, run_cfg, monkeypatch):
     import ray
+    from ray.train.torch import TorchConfig
 
     from raydpo.engine import launch
 
@@ -189,7 +201,7 @@ def test_the_controller_gets_the_loop_config_as_an_object_reference(ray_local, r
 
     class FakeTrainer:
         def __init__(self, fn, train_loop_config, **kwargs):
-            seen.update(config=train_loop_config, datasets=kwargs["datasets"])
+            seen.update(config=train_loop_config, torch_config=kwargs["torch_config"])
 
         def fit(self):
             return "fitted"
@@ -199,6 +211,10 @@ def test_the_controller_gets_the_loop_config_as_an_object_reference(ray_local, r
     assert launch.fit(run_cfg(), loop_config, {}) == "fitted"
     assert set(seen["config"]) == {"ref"} and isinstance(seen["config"]["ref"], ray.ObjectRef)
     assert ray.get(seen["config"]["ref"]) == loop_config
+    # The backend config: Ray's fields and defaults (TorchTrainer sets the backend), and no torch there.
+    assert seen["torch_config"].to_dict() == TorchConfig().to_dict()
+    assert not _imports_torch_when_unpickled(seen["torch_config"])
+    assert _imports_torch_when_unpickled(TorchConfig())  # what the controller imported before
 
 
 def test_a_worker_imports_neither_peft_nor_the_state_dict_helpers_unless_the_run_uses_them():

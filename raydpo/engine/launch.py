@@ -25,6 +25,7 @@ from raydpo.data.pipeline import hash_split, prepare_dataset, store_parquet, str
 from raydpo.data.pipeline import preflight as data_preflight
 from raydpo.data.prompts import read_prompts
 from raydpo.data.tokenize import pad_token_id
+from raydpo.engine.backend import ProcessGroupConfig
 from raydpo.engine.checkpointing import publish_dir, tidy_run_dir
 from raydpo.engine.method import Method
 from raydpo.engine.progress import Progress
@@ -375,7 +376,7 @@ def fit(cfg: RunConfig, loop_config: dict, datasets: dict, callbacks=None):
     ref = ray.put(loop_config)
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config={"ref": ref}, scaling_config=scaling, run_config=run_config,
-        datasets=datasets,
+        datasets=datasets, torch_config=ProcessGroupConfig(),
         # Not split: every worker streams all pairs in the same order and keeps its slice (worker.py).
         # Split (data.streaming): each worker streams its own equal shard (streaming_split).
         dataset_config=ray.train.DataConfig(
