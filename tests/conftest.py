@@ -68,18 +68,19 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        from raydpo.engine.session import local_ray_env
+        from raydpo.engine.session import local_ray_env, ray_below_training
 
-        local_ray_env()  # what start_ray sets for a local Ray
-        ray.init(
-            address="local",
-            num_cpus=4,
-            _node_ip_address="127.0.0.1",
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level="WARNING",
-            runtime_env={"worker_process_setup_hook": "faults.install"},
-        )
+        local_ray_env()  # what start_ray sets for a local Ray, and its processes' scheduling policy
+        with ray_below_training():
+            ray.init(
+                address="local",
+                num_cpus=4,
+                _node_ip_address="127.0.0.1",
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level="WARNING",
+                runtime_env={"worker_process_setup_hook": "faults.install"},
+            )
     from raydpo.engine.session import quiet_ray
 
     quiet_ray()

@@ -263,9 +263,11 @@ def test_a_local_ray_starts_fewer_helper_processes_and_a_cluster_keeps_rays_defa
 
     from raydpo.engine import session
 
-    calls = []
+    calls, policies = [], []
+    before = os.sched_getscheduler(0)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    record = lambda **kw: (calls.append(kw), policies.append(os.sched_getscheduler(0)))  # noqa: E731
+    monkeypatch.setattr(ray, "init", record)
     monkeypatch.setattr(session, "quiet_ray", lambda: None)
     watcher, footers = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
     cases = [(None, None, ("0", "1")), (None, "4", ("4", "4")), ("127.0.0.1:6379", None, (None, None))]
@@ -287,6 +289,36 @@ def test_a_local_ray_starts_fewer_helper_processes_and_a_cluster_keeps_rays_defa
         set_here = [os.environ.get(k) for k in others]
         assert set_here == ([None] * len(others) if address else [session.LOCAL_RAY_ENV[k] for k in others])
     assert [c.get("address") for c in calls] == ["local", "local", None]
+    # A local Ray's processes start under SCHED_BATCH (they inherit it); a cluster's are not ours.
+    assert policies == [os.SCHED_BATCH, os.SCHED_BATCH, before] and os.sched_getscheduler(0) == before
+
+
+@pytest.mark.ray
+def test_a_local_rays_processes_do_not_preempt_the_training_thread(ray_local):
+    """The local Ray (started like start_ray's) runs under SCHED_BATCH, so its processes' frequent
+    wakeups do not preempt training threads; a worker thread that trains takes SCHED_OTHER back."""
+    import os
+    import threading
+
+    from raydpo.engine.session import take_cpu_back
+
+    ray = ray_local
+    started = ray._private.worker._global_node.live_processes()  # [(kind, Popen)]: GCS, raylet, ...
+    kinds = {kind: os.sched_getscheduler(proc.pid) for kind, proc in started}
+    assert "raylet" in kinds and set(kinds.values()) == {os.SCHED_BATCH}, kinds
+
+    @ray.remote(num_cpus=0)
+    def policies():
+        seen = [os.sched_getscheduler(0)]
+        take_cpu_back()
+        return [*seen, os.sched_getscheduler(0)]
+
+    assert ray.get(policies.remote()) == [os.SCHED_BATCH, os.SCHED_OTHER]
+    out = []
+    t = threading.Thread(target=lambda: (take_cpu_back(), out.append(os.sched_getscheduler(0))))
+    t.start()
+    t.join()
+    assert out == [os.sched_getscheduler(0)]  # a thread that is not batch stays as it is
 
 
 @pytest.mark.ray

@@ -28,6 +28,7 @@ from raydpo.engine.checkpointing import usable
 from raydpo.engine.loop import Trainer, WorkerContext
 from raydpo.engine.progress import sender
 from raydpo.engine.reference import COLUMNS as REF_COLUMNS
+from raydpo.engine.session import take_cpu_back
 from raydpo.engine.sources import (
     GROUP_WINDOW,
     PromptSource,
@@ -131,6 +132,7 @@ def report(metrics: dict, ckpt_fn=None) -> None:
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train's entry point: config["ref"] holds the run config, the Method record and the driver's
     handles (launch.fit)."""
+    take_cpu_back()  # a local Ray runs under SCHED_BATCH (engine.session.ray_below_training)
     config = ray.get(config["ref"])
     cfg, method = RunConfig.model_validate(config["run_config"]), config["method"]
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker or 1)))  # as many as Ray reserved
