@@ -81,11 +81,14 @@ def ray_local():
                 logging_level="WARNING",
                 runtime_env={"worker_process_setup_hook": "faults.install"},
             )
-    from raydpo.engine.session import quiet_ray
+    from raydpo.engine.session import end_leftovers, quiet_ray, raylet_pid
 
     quiet_ray()
+    raylet = raylet_pid()
     yield ray
     ray.shutdown()
+    if raylet is not None:
+        end_leftovers(raylet)  # only what this Ray started and what outlived its shutdown
 
 
 @pytest.fixture

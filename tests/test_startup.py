@@ -338,3 +338,26 @@ def test_a_driver_reuses_its_progress_queue_and_drops_an_earlier_runs_late_lines
     actor = lambda p: p.queue.actor._actor_id  # noqa: E731
     assert actor(second) == actor(first) and actor(third) != actor(first)
     assert [h["loss"] for h in second.history] == [0.3] and [h["loss"] for h in third.history] == [0.2]
+
+
+def test_what_a_raylet_started_and_outlived_its_shutdown_is_ended_and_nothing_else(tmp_path):
+    """Ray 2.60's workers can hang in their own exit handler after Ray shut down; end_leftovers kills
+    exactly the processes whose environment names the raylet (RAY_RAYLET_PID), after a grace period."""
+    import os
+
+    from raydpo.engine.session import end_leftovers, spawned_by
+
+    fake = 2**22 + 12345  # above any pid here: no real raylet has it
+    env = {**os.environ, "RAY_RAYLET_PID": str(fake)}
+    ours = subprocess.Popen(["sleep", "60"], env=env)
+    plain = {k: v for k, v in os.environ.items() if k != "RAY_RAYLET_PID"}
+    other = subprocess.Popen(["sleep", "60"], env=plain)
+    try:
+        assert spawned_by(fake) == [ours.pid]
+        assert end_leftovers(fake, grace_s=0.3) == [ours.pid]
+        assert ours.wait(timeout=10) == -9 and other.poll() is None
+        assert end_leftovers(fake, grace_s=0.3) == []  # nothing left to end
+    finally:
+        for p in (ours, other):
+            p.kill()
+            p.wait()

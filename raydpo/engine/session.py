@@ -5,9 +5,12 @@ Every command that needs Ray (train, sweep, eval, demo) starts it here, once.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import signal
 import socket
+import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from urllib.parse import urlparse
@@ -95,6 +98,55 @@ def take_cpu_back() -> None:
         pass
 
 
+def raylet_pid() -> int | None:
+    """The pid of the raylet that this process's `ray.init` started (None when it joined a cluster)."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    try:
+        return next(p.pid for kind, p in node.live_processes() if kind == "raylet")
+    except (AttributeError, StopIteration):
+        return None
+
+
+def spawned_by(raylet: int) -> list[int]:
+    """Live processes that the raylet `raylet` started: Ray sets RAY_RAYLET_PID in each worker's
+    environment (Linux: read from /proc)."""
+    tag, found = f"RAY_RAYLET_PID={raylet}".encode(), []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if tag in f.read().split(b"\0"):
+                        found.append(int(entry))
+            except OSError:  # gone, or not ours to read
+                continue
+    return found
+
+
+def end_leftovers(raylet: int, grace_s: float = 3.0) -> list[int]:
+    """Kill what a raylet started and what outlived its Ray's shutdown; returns their pids.
+
+    Ray 2.60's worker can deadlock in its own exit handler (CoreWorkerProcess::HandleAtExit: a pubsub
+    reply posted to the io_context it is shutting down), most often a finished run's TrainController.
+    It then sleeps forever holding about 230 MB, and outlives the raylet with parent 1. Only
+    processes whose environment names this raylet are touched, after `grace_s` to exit on their own.
+    """
+    deadline = time.monotonic() + grace_s
+    while (left := spawned_by(raylet)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return left
+
+
+def _stop_local_ray(raylet: int) -> None:
+    """At exit: Ray's own shutdown, then its leftovers (`end_leftovers`)."""
+    ray.shutdown()
+    end_leftovers(raylet)
+
+
 def start_ray(min_cpus: float = 0) -> None:
     """Join RAY_ADDRESS, or start a local Ray on 127.0.0.1 with at least `min_cpus` logical CPUs
     (more slots than cores is fine: workers, data actors and controllers mostly take turns)."""
@@ -118,6 +170,8 @@ def start_ray(min_cpus: float = 0) -> None:
         raise UserError(
             f"cannot start or join Ray ({address or 'local'}): {str(e).splitlines()[0]}"
         ) from None
+    if not address and (pid := raylet_pid()) is not None:
+        atexit.register(_stop_local_ray, pid)  # runs before Ray's own atexit shutdown (registered earlier)
     quiet_ray()
 
 
