@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--set", action="append", default=[], metavar="train.KEY=VALUE",
                    help="a raydpo training setting for raydpo's runs, e.g. train.precompute_reference=true "
                         "(repeatable; recorded in the JSON; defaults train.prefix_sharing=true "
-                        "train.grad_accum_steps=2)")  # fmt: skip
+                        "train.grad_accum_steps=4)")  # fmt: skip
     b.set_defaults(func=_cmd_bench)
 
     c = sub.add_parser("cluster", help="a local multi-node Ray cluster with token auth and an MLflow server")

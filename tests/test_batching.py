@@ -1,12 +1,20 @@
 """Length-grouped batches (`train.group_by_length`): the grouping itself, the single-process source,
-and the Ray shard source that training workers use."""
+and the Ray shard source that training workers use; micro-batches cut from width-sorted pairs."""
 
 import random
 
 import pytest
 
 from raydpo.data.tokenize import TokenizedPair
-from raydpo.engine.sources import GROUP_WINDOW, ListSource, grouped_batches, pair_length
+from raydpo.engine.sources import (
+    GROUP_WINDOW,
+    ListSource,
+    grouped_batches,
+    micro_batch_order,
+    pair_length,
+    row_width,
+)
+from raydpo.engine.step import split_batch
 
 
 def test_pair_length_is_prompt_plus_the_longer_response():
@@ -69,3 +77,61 @@ def test_shard_source_groups_the_same_global_batches_for_every_rank(ray_local):
     assert len(set(ids)) == len(ids) == len(pairs)
     plain = list(ShardSource(ds, 8, 0, 0, 1, 0, "pairs", "cpu").epoch(0))
     assert _padding(one) < 0.5 * _padding(plain)
+
+
+def test_micro_batch_order_by_hand():
+    """Widths in the shared layout 9, 3, 7, 3 (prompt + chosen + rejected): two micro-batches take
+    pairs [1, 3] (ties keep their order) and [2, 0]; one micro-batch keeps the batch as it is."""
+    lens = [(3, 3, 3), (1, 1, 1), (3, 2, 2), (1, 1, 1)]
+    pairs = [TokenizedPair([1] * p, [2] * c, [3] * r, f"p{i}") for i, (p, c, r) in enumerate(lens)]
+    assert [row_width(p, "shared") for p in pairs] == [9, 3, 7, 3]
+    assert micro_batch_order(pairs, 2, "shared") == [1, 3, 2, 0]
+    assert micro_batch_order(pairs, 1, "shared") == [0, 1, 2, 3]
+    wide = TokenizedPair([1] * 2, [2] * 5, [3] * 1)
+    assert (row_width(wide, "pairs"), row_width(wide, "texts"), row_width(wide, "packed")) == (7, 7, 8)
+
+
+def test_micro_batches_pad_less_and_keep_each_batch():
+    """With 4 micro-batches a batch holds the same pairs as with one, sorted by width, and its
+    micro-batches pad less; the pair ids name the rows they sit in."""
+    pairs = _pairs(64, seed=2)
+    by_id = {p.id: p for p in pairs}
+    one = list(ListSource(pairs, 8, 0, 0, "shared", "cpu").epoch(0))
+    four = list(ListSource(pairs, 8, 0, 0, "shared", "cpu", groups=4).epoch(0))
+    assert [sorted(b["ids"]) for b in one] == [sorted(b["ids"]) for b in four]
+    for b in four:
+        widths = [row_width(by_id[i], "shared") for i in b["ids"]]
+        assert widths == sorted(widths)
+        assert b["attention_mask"].sum(-1).tolist() == widths  # row j holds pair ids[j]
+
+    def micro_padding(batches):
+        return sum(_padding(split_batch({k: v for k, v in b.items() if k != "ids"}, 4)) for b in batches)
+
+    assert micro_padding(four) < 0.5 * micro_padding(one)  # `one`'s batches cut as they come
+
+
+def test_worker_collate_moves_ids_and_reference_columns_with_their_pairs():
+    """A Ray Train worker's collate (rank 1 of 2, batch 4 each, 2 micro-batches): its pairs are sorted by
+    width and their ids and precomputed reference log-probs follow them."""
+    import numpy as np
+
+    from raydpo.engine.worker import make_collate
+
+    lens = [(2, 2, 2), (1, 1, 1), (5, 4, 4), (1, 2, 1), (3, 1, 1), (6, 6, 6), (1, 1, 2), (2, 1, 1)]
+    col = lambda f: np.array([np.array(f(i, lp), dtype=np.int64) for i, lp in enumerate(lens)], dtype=object)
+    batch = {
+        "id": np.array([f"p{i}" for i in range(8)], dtype=object),
+        "prompt_ids": col(lambda i, lp: [100 + i] * lp[0]),
+        "chosen_ids": col(lambda i, lp: [200 + i] * lp[1]),
+        "rejected_ids": col(lambda i, lp: [300 + i] * lp[2]),
+        "ref_chosen": -np.arange(8, dtype=np.float64),
+        "ref_rejected": -np.arange(8, dtype=np.float64) - 0.5,
+    }
+    out = make_collate(rank=1, per_worker=4, pad_id=0, layout="shared", groups=2)(batch)
+    # rank 1 holds pairs 4..7 of widths 5, 18, 4, 4: sorted (stable) 6, 7, 4, 5
+    assert out["ids"] == ["p6", "p7", "p4", "p5"]
+    assert out["input_ids"][:, 0].tolist() == [106, 107, 104, 105]
+    assert out["ref_chosen"].tolist() == [-6.0, -7.0, -4.0, -5.0]
+    assert out["ref_rejected"].tolist() == [-6.5, -7.5, -4.5, -5.5]
+    unsorted = make_collate(rank=1, per_worker=4, pad_id=0, layout="shared", groups=1)(batch)
+    assert unsorted["ids"] == ["p4", "p5", "p6", "p7"]

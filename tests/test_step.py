@@ -58,6 +58,27 @@ def test_batch8_equals_batch4_times_accum2(tiny_llama_dir):
     assert max((a - b).abs().max().item() for a, b in zip(w1, w2)) < 1e-5
 
 
+def test_accumulation_scores_the_reference_once_per_batch(tiny_llama_dir):
+    """With 4 micro-batches the reference runs once over the whole batch (DPO's batch_reference), not
+    once per micro-batch, and the step's metrics equal one pass of 8 (1e-5)."""
+    from raydpo.data.tokenize import collate_batch
+
+    cfg = _cfg(tiny_llama_dir)
+    tok, policy, ref = load_tokenizer(cfg.model), load_policy(cfg.model), load_reference(cfg.model)
+    calls = []
+    ref.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[0]),
+                                  with_kwargs=True)  # fmt: skip
+    batch = collate_batch(_pairs(tok, 8), pad_token_id(tok), "shared")
+    metrics = {}
+    for accum in (1, 4):
+        calls.clear()
+        metrics[accum] = train_step(policy, ref, dict(batch), dpo_objective(cfg), accum)
+        policy.zero_grad(set_to_none=True)
+        assert calls == [8], (accum, calls)  # one pass over the batch's 8 rows (a row per pair)
+    for k in ("loss", "logps/chosen", "rewards/margins"):
+        assert metrics[4][k].item() == pytest.approx(metrics[1][k].item(), abs=1e-5), k
+
+
 def test_same_seed_same_curve_different_seed_differs(tiny_llama_dir):
     curves = {}
     for seed in (0, 0, 1):

@@ -45,6 +45,24 @@ def grouped_batches(lengths: list[int], batch: int, rng: random.Random) -> list[
     return batches
 
 
+def row_width(pair, layout: Layout) -> int:
+    """The padded width a pair needs in `layout` (data.tokenize.collate_batch)."""
+    prompt, chosen, rejected = (len(x) for x in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids))
+    if layout in ("shared", "packed"):
+        return prompt + chosen + rejected
+    return prompt + (chosen if layout == "texts" else max(chosen, rejected))
+
+
+def micro_batch_order(pairs: list, groups: int, layout: Layout) -> list[int]:
+    """The order in which a batch's pairs are cut into `groups` gradient-accumulation micro-batches:
+    by the width each needs (stable), so a micro-batch pads only to its own pairs' longest. The batch
+    and its update are the same in any order (gradients are summed over micro-batches; only float
+    rounding differs); one group keeps the order as it is."""
+    if groups == 1:
+        return list(range(len(pairs)))
+    return sorted(range(len(pairs)), key=lambda i: row_width(pairs[i], layout))
+
+
 def to_device(batch: dict, device) -> dict:
     """Tensors to `device`; other entries (the pair ids) as they are."""
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -85,6 +103,7 @@ class ListSource:
     def epoch(self, epoch: int, shuffle: bool = True) -> Iterator[dict]:
         for rows in self.batches(epoch, shuffle):
             group = [self.pairs[j] for j in rows]
+            group = [group[i] for i in micro_batch_order(group, self.groups, self.layout)]
             batch = collate_batch(group, self.pad_id, self.layout, self.groups)
             yield to_device({**batch, "ids": [p.id for p in group]}, self.device)
 

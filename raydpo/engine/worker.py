@@ -34,6 +34,7 @@ from raydpo.engine.sources import (
     PromptSource,
     epoch_seed,
     grouped_batches,
+    micro_batch_order,
     pair_length,
     to_device,
 )
@@ -44,7 +45,8 @@ SHUFFLE_BUFFER = 20_000  # pairs held for the seeded per-epoch shuffle
 
 def make_collate(rank: int, per_worker: int, pad_id: int, layout: Layout, groups: int = 1):
     """collate_fn for iter_torch_batches: this rank's slice of a global batch → padded tensors (`groups`:
-    gradient-accumulation micro-batches, which a packed layout packs apart)."""
+    gradient-accumulation micro-batches, cut from the slice's pairs sorted by width
+    (`sources.micro_batch_order`); a packed layout packs them apart)."""
 
     def fn(batch: dict) -> dict:
         lo, hi = rank * per_worker, (rank + 1) * per_worker
@@ -54,8 +56,12 @@ def make_collate(rank: int, per_worker: int, pad_id: int, layout: Layout, groups
                 batch["prompt_ids"][lo:hi], batch["chosen_ids"][lo:hi], batch["rejected_ids"][lo:hi]
             )
         ]
-        ids = [None if i is None else str(i) for i in batch["id"][lo:hi]] if "id" in batch else []
-        ref = {k: torch.as_tensor(batch[k][lo:hi], dtype=torch.float32) for k in REF_COLUMNS if k in batch}
+        order = micro_batch_order(pairs, groups, layout)  # pair ids and reference columns follow
+        pairs = [pairs[i] for i in order]
+        ids = [batch["id"][lo + i] for i in order] if "id" in batch else []
+        ids = [None if i is None else str(i) for i in ids]
+        ref = {k: torch.as_tensor(batch[k][lo:hi][order], dtype=torch.float32)
+               for k in REF_COLUMNS if k in batch}  # fmt: skip
         return {**collate_batch(pairs, pad_id, layout, groups), **ref, "ids": ids}
 
     return fn

@@ -42,6 +42,20 @@ def reference_logps(reference, policy, batch: dict, response_only: bool = False)
     return None
 
 
+def batch_reference(policy, reference, batch: dict, loss_cfg: LossConfig, response_only: bool = False
+                    ) -> dict[str, torch.Tensor]:  # fmt: skip
+    """`ref_chosen` / `ref_rejected` (B,) of a whole batch, or {} when the loss reads no reference or
+    the batch already has them: one no-grad pass ahead of the accumulation micro-batches (larger
+    matrix products than a pass per micro-batch, and nothing of it alive while they keep activations)."""
+    if "ref_chosen" in batch or not needs_reference(loss_cfg):
+        return {}
+    ref_sum = reference_logps(reference, policy, batch, response_only)
+    if ref_sum is None:
+        return {}
+    chosen, rejected = _pairs(ref_sum)
+    return {"ref_chosen": chosen, "ref_rejected": rejected}
+
+
 def needs_reference(loss_cfg: LossConfig) -> bool:
     return not all(getattr(LOSSES[n], "reference_free", False) for n in loss_cfg.names)
 
@@ -88,7 +102,8 @@ def _metrics(loss, pol: SequenceLogps, ref_sum, out, beta: float) -> Metrics:
 def objective(cfg: RunConfig) -> Objective:
     loss_cfg, response_only = cfg.loss, cfg.train.response_only_logits
     fn = lambda m, ref, b: compute_loss(m, ref, b, loss_cfg, response_only)
-    return Objective(fn, paired=True, shared_prefix=True, reads_reference=True)
+    ahead = lambda m, ref, b: batch_reference(m, ref, b, loss_cfg, response_only)  # noqa: E731
+    return Objective(fn, paired=True, shared_prefix=True, reads_reference=True, batch_reference=ahead)
 
 
 def _uses_reference(cfg: RunConfig) -> bool:
