@@ -294,6 +294,30 @@ def test_response_only_equals_sequence_logps(toks, family, chunk):
         torch.testing.assert_close(g, w, **TOL)
 
 
+def test_one_chunk_is_kept_for_backward_several_are_recomputed(toks, monkeypatch):
+    """The LM head's chunks are checkpointed only when there are several; a single chunk keeps its
+    logits for backward, with the same gradients bit for bit as checkpointing it."""
+    import raydpo.ops.logprobs as lp
+
+    model = make_model(toks, "llama")
+    pairs = make_pairs(model.config.vocab_size)
+    calls = []
+    real = lp.checkpoint
+    monkeypatch.setattr(lp, "checkpoint", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    loss = lambda out: out[0].sum.sum() - 0.3 * out[1].mean.sum()  # noqa: E731
+    kept = grads(model, loss(two_rows(model, pairs, response_only_logps, chunk=1024)))
+    assert calls == []
+    several = grads(model, loss(two_rows(model, pairs, response_only_logps, chunk=4)))
+    assert len(calls) > 1
+    for g, w in zip(kept, several):
+        torch.testing.assert_close(g, w, **TOL)
+    calls.clear()
+    monkeypatch.setattr(lp, "_head_logps", lambda head, hidden, targets, chunk: torch.cat(
+        [real(lp._chunk_logps, head, hidden, targets, use_reentrant=False)]))  # fmt: skip
+    recomputed = grads(model, loss(two_rows(model, pairs, response_only_logps, chunk=1024)))
+    assert all(torch.equal(g, w) for g, w in zip(kept, recomputed))
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_response_only_under_lora(toks, family):
     """A PEFT LoRA policy (adapters on attention and, for Llama, on the LM head itself)."""

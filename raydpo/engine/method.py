@@ -30,8 +30,8 @@ class Objective:
     reads_reference: bool = False  # uses `ref_chosen` / `ref_rejected` (B,) in a batch when present
     #   (engine/reference.py precomputes them) instead of running the reference model
     batch_reference: Callable[[Any, Any, dict], dict[str, torch.Tensor]] | None = None  # (model, reference,
-    #   batch) -> those (B,) entries for a whole batch, or {} (none needed, or already there): with gradient
-    #   accumulation the reference runs once per batch, ahead of its micro-batches (engine.step.train_step)
+    #   batch) -> those (B,) entries for a whole batch, or {} (none needed, or already there): the reference
+    #   runs once per batch, ahead of the policy and its micro-batches (engine.step.train_step)
 
     def __call__(self, model, reference, batch: dict) -> tuple[torch.Tensor, Metrics]:
         return self.fn(model, reference, batch)

@@ -80,14 +80,16 @@ def _trim_shared(mb: dict) -> dict:
 def train_step(
     policy, reference, batch: dict, objective: Objective, accum_steps: int = 1, sync=None
 ) -> Metrics:
-    """Forward + backward over `accum_steps` micro-batches; gradients accumulate in the policy. With
-    more than one, an objective's `batch_reference` first scores the whole batch under the reference.
+    """Forward + backward over `accum_steps` micro-batches; gradients accumulate in the policy. An
+    objective's `batch_reference` first scores the whole batch under the reference, in one pass:
+    larger matrix products than a pass per micro-batch, and nothing of it is alive while the policy's
+    activations are.
 
     `sync(is_last)` returns a context manager (DDP's no_sync on all but the last micro-batch); None
     means no gradient synchronization to manage. Returns the metrics averaged over micro-batches.
     """
     totals: Metrics = {}
-    if accum_steps > 1 and objective.batch_reference is not None:  # the reference once per batch
+    if objective.batch_reference is not None:  # the reference once per batch, ahead of the policy
         batch = {**batch, **objective.batch_reference(policy, reference, batch)}
     micro = split_batch(batch, accum_steps, objective.paired)
     for i, mb in enumerate(micro):

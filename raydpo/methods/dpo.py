@@ -45,8 +45,7 @@ def reference_logps(reference, policy, batch: dict, response_only: bool = False)
 def batch_reference(policy, reference, batch: dict, loss_cfg: LossConfig, response_only: bool = False
                     ) -> dict[str, torch.Tensor]:  # fmt: skip
     """`ref_chosen` / `ref_rejected` (B,) of a whole batch, or {} when the loss reads no reference or
-    the batch already has them: one no-grad pass ahead of the accumulation micro-batches (larger
-    matrix products than a pass per micro-batch, and nothing of it alive while they keep activations)."""
+    the batch already has them: one no-grad pass ahead of the policy's (engine.step.train_step)."""
     if "ref_chosen" in batch or not needs_reference(loss_cfg):
         return {}
     ref_sum = reference_logps(reference, policy, batch, response_only)
