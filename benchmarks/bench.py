@@ -489,13 +489,14 @@ def run_raydpo(
     import ray
 
     from raydpo.engine import launch
+    from raydpo.engine.session import stop_ray
     from raydpo.methods import train
 
     cfg = raydpo_config(settings, model_dir, data_path, out_dir, run_name, steps)
     cpus = worker_cpus(cfg)
     clock, seconds, starts, logs = StepClock(), {}, {}, []
     if ray.is_initialized():
-        ray.shutdown()
+        stop_ray()
     sampler = RssSampler(os.getpid(), classify_ray, include_root=False).start()
     t0 = time.perf_counter()
     try:
@@ -504,7 +505,7 @@ def run_raydpo(
         wall = time.perf_counter() - t0
     finally:
         sampler.stop()
-        ray.shutdown()
+        stop_ray()  # and a finished run's Ray processes that outlive Ray's shutdown
     history = [h for h in out["history"] if "pairs_per_second" in h]
     step_seconds = [settings.batch_size / h["pairs_per_second"] for h in history]
     step_tokens = [h.get("tokens_per_second", 0.0) * s for h, s in zip(history, step_seconds)]
@@ -1078,9 +1079,7 @@ def machine_info(trl_version: str | None) -> dict:
 def warm_caches(with_trl: bool) -> dict:
     """The quick warm-up: one local Ray start and stop (raydpo's own `start_ray`), and a process that
     imports what the TRL runs import; the runs that follow then find their files in the page cache."""
-    import ray
-
-    from raydpo.engine.session import start_ray
+    from raydpo.engine.session import start_ray, stop_ray
 
     t = time.perf_counter()
     try:
@@ -1088,7 +1087,7 @@ def warm_caches(with_trl: bool) -> dict:
     except Exception as e:  # Ray's start-up timeout on an overloaded machine, say: the runs will retry
         print(f"bench: warm-up Ray start failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
     finally:
-        ray.shutdown()
+        stop_ray()
     out = {"ray_start_stop": time.perf_counter() - t}
     if with_trl:
         t = time.perf_counter()

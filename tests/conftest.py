@@ -81,14 +81,11 @@ def ray_local():
                 logging_level="WARNING",
                 runtime_env={"worker_process_setup_hook": "faults.install"},
             )
-    from raydpo.engine.session import end_leftovers, quiet_ray, raylet_pid
+    from raydpo.engine.session import quiet_ray, stop_ray
 
     quiet_ray()
-    raylet = raylet_pid()
     yield ray
-    ray.shutdown()
-    if raylet is not None:
-        end_leftovers(raylet)  # only what this Ray started and what outlived its shutdown
+    stop_ray()  # and what this Ray started that outlived its shutdown, nothing else
 
 
 @pytest.fixture

@@ -361,3 +361,18 @@ def test_what_a_raylet_started_and_outlived_its_shutdown_is_ended_and_nothing_el
         for p in (ours, other):
             p.kill()
             p.wait()
+
+
+def test_stop_ray_ends_the_leftovers_of_the_ray_it_shut_down(monkeypatch):
+    """stop_ray reads the raylet's pid before Ray shuts down (it is gone after), then ends what that
+    raylet started; a process that joined a cluster (no raylet of its own) only shuts down."""
+    from raydpo.engine import session
+
+    events = []
+    monkeypatch.setattr(session.ray, "shutdown", lambda: events.append("shutdown"))
+    monkeypatch.setattr(session, "end_leftovers", lambda pid: events.append(("end", pid)))
+    for raylet, want in ((4321, ["shutdown", ("end", 4321)]), (None, ["shutdown"])):
+        events.clear()
+        monkeypatch.setattr(session, "raylet_pid", lambda r=raylet: events.append("pid") or r)
+        session.stop_ray()
+        assert events == ["pid", *want]

@@ -80,12 +80,12 @@ def ray_below_training():
         old = os.sched_getscheduler(0)
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     except (AttributeError, OSError):  # not Linux, or not allowed here
-        yield
-        return
+        old = None
     try:
         yield
     finally:
-        os.sched_setscheduler(0, old, os.sched_param(0))
+        if old is not None:
+            os.sched_setscheduler(0, old, os.sched_param(0))
 
 
 def take_cpu_back() -> None:
@@ -141,10 +141,17 @@ def end_leftovers(raylet: int, grace_s: float = 3.0) -> list[int]:
     return left
 
 
-def _stop_local_ray(raylet: int) -> None:
-    """At exit: Ray's own shutdown, then its leftovers (`end_leftovers`)."""
+def stop_ray() -> None:
+    """`ray.shutdown()`; for a Ray this process started, then also what outlived it (`end_leftovers`).
+    `start_ray` runs it at exit; code that stops its local Ray earlier calls it instead of
+    `ray.shutdown()`."""
+    raylet = raylet_pid()  # None once shut down, or when this process joined a cluster
     ray.shutdown()
-    end_leftovers(raylet)
+    if raylet is not None:
+        end_leftovers(raylet)
+
+
+_stop_at_exit = False  # stop_ray registered with atexit (once per process)
 
 
 def start_ray(min_cpus: float = 0) -> None:
@@ -170,8 +177,10 @@ def start_ray(min_cpus: float = 0) -> None:
         raise UserError(
             f"cannot start or join Ray ({address or 'local'}): {str(e).splitlines()[0]}"
         ) from None
-    if not address and (pid := raylet_pid()) is not None:
-        atexit.register(_stop_local_ray, pid)  # runs before Ray's own atexit shutdown (registered earlier)
+    global _stop_at_exit
+    if not address and not _stop_at_exit:
+        atexit.register(stop_ray)  # runs before Ray's own atexit shutdown (registered at its import)
+        _stop_at_exit = True
     quiet_ray()
 
 

@@ -47,10 +47,11 @@ def grouped_batches(lengths: list[int], batch: int, rng: random.Random) -> list[
 
 def row_width(pair, layout: Layout) -> int:
     """The padded width a pair needs in `layout` (data.tokenize.collate_batch)."""
-    prompt, chosen, rejected = (len(x) for x in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids))
     if layout in ("shared", "packed"):
-        return prompt + chosen + rejected
-    return prompt + (chosen if layout == "texts" else max(chosen, rejected))
+        return len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
+    if layout == "texts":
+        return len(pair.prompt_ids) + len(pair.chosen_ids)
+    return pair_length(pair.prompt_ids, pair.chosen_ids, pair.rejected_ids)
 
 
 def micro_batch_order(pairs: list, groups: int, layout: Layout) -> list[int]:
