@@ -70,7 +70,7 @@ TRL_VARIANTS = {"trl": False, "trl+precompute": True}  # name → precompute_ref
 # loss averaged) with a quarter of the activations: about 190 MB less peak memory than one pass, 95 MB
 # less than two micro-batches of 4. They cost no step time since the reference scores each batch in one
 # pass ahead of them and each is cut from the batch's pairs sorted by width (README "Throughput").
-RAYDPO_DEFAULTS = ("train.prefix_sharing=true", "train.grad_accum_steps=4")
+RAYDPO_DEFAULTS = ("train.prefix_sharing=true", "train.grad_accum_steps=4", "train.precompute_reference=true")
 NO_RAY = "raydpo-noray"  # diagnostic: raydpo's loop in this process without Ray (not in the ratios)
 ENGINES = ("raydpo", NO_RAY, *TRL_VARIANTS)
 
@@ -448,7 +448,8 @@ def phase_timers(module, names: tuple[str, ...], seconds: dict, starts: dict, t0
             setattr(module, n, fn)
 
 
-PHASES = ("preflight", "start_ray", "build_datasets", "fit", "export_final")
+SCORED_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids")  # a TokenizedPair's, as the scorer takes them
+PHASES = ("preflight", "start_ray", "build_datasets", "attach_reference", "fit", "export_final")
 
 
 def raydpo_config(
@@ -485,14 +486,16 @@ def run_raydpo(
     settings: Settings, model_dir: str, data_path: Path, out_dir: Path, run_name: str, steps: int
 ) -> dict:
     """One `raydpo.methods.train` call (what `raydpo train` runs), Ray started inside it and shut down
-    after it, as a command would. Returns the measurements."""
+    after it, as a command would. Each call has an output directory of its own (`out_dir/run_name`),
+    so with `train.precompute_reference` every call scores the reference itself (its cache lives
+    there), as a first run would. Returns the measurements."""
     import ray
 
     from raydpo.engine import launch
     from raydpo.engine.session import stop_ray
     from raydpo.methods import train
 
-    cfg = raydpo_config(settings, model_dir, data_path, out_dir, run_name, steps)
+    cfg = raydpo_config(settings, model_dir, data_path, out_dir / run_name, run_name, steps)
     cpus = worker_cpus(cfg)
     clock, seconds, starts, logs = StepClock(), {}, {}, []
     if ray.is_initialized():
@@ -531,7 +534,7 @@ def run_raydpo(
         "processes": {k: sorted(v) for k, v in sampler.names.items()},
         "phases_s": phases,
         "worker_cpus": cpus,
-        "reference_forward_in_step": True,
+        "reference_forward_in_step": not cfg.train.precompute_reference,
     }
 
 
@@ -547,7 +550,10 @@ def run_raydpo_noray(settings: Settings, model_dir: str, data_path: Path, out_di
     """Diagnostic, not what `raydpo train` runs: raydpo's training loop (`engine.local.train_local`, the
     loop every Ray Train worker runs) in this process, without Ray, Ray Data, DDP or checkpoints, with as
     many torch threads as raydpo gives its Ray worker. Its steps against the Ray run's show what Ray adds
-    per step. No RSS (it shares this process) and no step timestamps (the loop returns its history)."""
+    per step. With `train.precompute_reference` the pairs are scored first by the same scorer as the
+    Ray run's (`engine.reference.ScoreReference`, in this process) and the loop reads the values, as a Ray
+    worker reads the cache. No RSS (it shares this process) and no step timestamps (the loop returns its
+    history)."""
     import torch
 
     from raydpo.data.schema import PreferenceRecord
@@ -566,7 +572,18 @@ def run_raydpo_noray(settings: Settings, model_dir: str, data_path: Path, out_di
         rows = [json.loads(line) for line in data_path.read_text().splitlines() if line.strip()]
         d = cfg.data
         pairs = [tokenize_pair(PreferenceRecord(**r), tok, d.max_length, d.max_prompt_length) for r in rows]
-        history = train_local(cfg, get_method(cfg.method), pairs, pad_token_id(tok))
+        ref = None
+        if cfg.train.precompute_reference:
+            from raydpo.engine.reference import BATCH, ScoreReference
+
+            scorer, parts = ScoreReference(cfg.model_dump(mode="json")), []
+            for i in range(0, len(pairs), BATCH):  # the driver's batches (engine.reference.score_here)
+                part = pairs[i : i + BATCH]
+                parts.append(scorer.score(*([getattr(p, f) for p in part] for f in SCORED_FIELDS)))
+            del scorer
+            ref = {k: torch.tensor([x for part in parts for x in part[j]], dtype=torch.float32)
+                   for j, k in enumerate(("ref_chosen", "ref_rejected"))}  # fmt: skip
+        history = train_local(cfg, get_method(cfg.method), pairs, pad_token_id(tok), reference_logps=ref)
         wall = time.perf_counter() - t0
     finally:
         torch.set_num_threads(old)
@@ -584,7 +601,7 @@ def run_raydpo_noray(settings: Settings, model_dir: str, data_path: Path, out_di
         "peak_rss_mb": {"train": None, "ray_other": None},
         "phases_s": {},
         "worker_cpus": cpus,
-        "reference_forward_in_step": True,
+        "reference_forward_in_step": ref is None,
     }
 
 

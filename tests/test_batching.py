@@ -135,3 +135,27 @@ def test_worker_collate_moves_ids_and_reference_columns_with_their_pairs():
     assert out["ref_rejected"].tolist() == [-6.5, -7.5, -4.5, -5.5]
     unsorted = make_collate(rank=1, per_worker=4, pad_id=0, layout="shared", groups=1)(batch)
     assert unsorted["ids"] == ["p4", "p5", "p6", "p7"]
+
+
+def test_list_source_hands_out_each_pairs_reference_values_with_it():
+    """A single-process source given precomputed reference log-probs: in every batch (shuffled,
+    length-grouped, cut into width-sorted micro-batches) row j's values are those of the pair `ids[j]`
+    names; a column of the wrong length is refused."""
+    import torch
+
+    pairs = _pairs(48, seed=3)
+    index = {p.id: i for i, p in enumerate(pairs)}
+    ref = {"ref_chosen": -torch.arange(48, dtype=torch.float32),
+           "ref_rejected": -torch.arange(48, dtype=torch.float32) - 0.25}  # fmt: skip
+    for kwargs in ({}, {"groups": 4}, {"groups": 2, "group_by_length": True}):
+        source = ListSource(pairs, 8, 1, 0, "shared", "cpu", reference=ref, **kwargs)
+        batches = list(source.epoch(0, shuffle=True))
+        assert len(batches) == 6
+        for b in batches:
+            rows = [index[i] for i in b["ids"]]
+            assert b["ref_chosen"].tolist() == [-float(r) for r in rows], kwargs
+            assert b["ref_rejected"].tolist() == [-r - 0.25 for r in rows], kwargs
+            assert b["attention_mask"].sum(-1).tolist() == [row_width(pairs[r], "shared") for r in rows]
+        assert sorted(i for b in batches for i in b["ids"]) == sorted(index)
+    with pytest.raises(ValueError, match="ref_rejected"):
+        ListSource(pairs, 8, 1, 0, "shared", "cpu", reference={"ref_rejected": torch.zeros(47)})

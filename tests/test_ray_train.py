@@ -186,8 +186,9 @@ def test_reference_cache_keeps_row_order_from_an_actor_pool(ray_local, tmp_path)
 def test_reference_log_probs_are_computed_once_and_train_the_same(
     ray_local, run_cfg, tmp_path, tmp_path_factory
 ):
-    """`train.precompute_reference`: a Ray Data stage scores the pairs once, a second run with the same
-    key reads the cache, and the curve is the plain run's, whose reference is live. The second run also
+    """`train.precompute_reference`: a Ray Data stage scores the pairs once (one row per pair, as the run
+    trains), a second run with the same key reads the cache, and the curve is the plain run's, whose
+    reference is live and whose pairs take two rows each. The second run also
     takes the Ray workers' path for `train.packing` with 2 accumulation micro-batches (the packed
     layout, `pair_row`, the split by micro-batch; the built-in pairs are too alike in length for two
     to share a row, so the packing itself is tested in tests/test_prefix_sharing.py)."""
@@ -199,9 +200,10 @@ def test_reference_log_probs_are_computed_once_and_train_the_same(
 
     live = plain_run(run_cfg, tmp_path_factory)
     lines: list[str] = []
-    pre = {**CURVE["train"], "precompute_reference": True, "reference_workers": 1}  # the actor-pool stage
+    pre = {**CURVE["train"], "precompute_reference": True, "reference_workers": 1,  # the actor-pool stage
+           "prefix_sharing": True}  # scored and trained one row per pair  # fmt: skip
     first = run(run_cfg(run_name="pre1", train=pre, data=CURVE["data"]), log=lines.append)
-    packed = {**pre, "prefix_sharing": True, "packing": True, "grad_accum_steps": 2}
+    packed = {**pre, "packing": True, "grad_accum_steps": 2}  # packing is not part of the key
     again = run(run_cfg(run_name="pre2", train=packed, data=CURVE["data"]), log=lines.append)
     computed = [x for x in lines if x.startswith("reference log-probs: computed")]
     reused = [x for x in lines if x.startswith("reference log-probs: reused")]

@@ -64,30 +64,48 @@ def test_tokenize_workers_rejects_a_negative_count():
 
 
 def test_reference_workers_auto_scores_small_work_in_the_driver(tiny_llama_dir, monkeypatch):
-    """auto: the driver (0) while reference weight bytes × tokens (rows × 2 × max_length) is at most
-    SMALL_SCORING, else one actor; a number is used as given; a streamed dataset always gets an actor;
-    a hub name (size unknown here) gets an actor; a negative number is refused."""
+    """auto: the driver (0) while reference weight bytes × the tokens to score (every pair's prompt,
+    chosen and rejected ids, counted from the blocks) is at most SMALL_SCORING, else one actor, and
+    no token is counted when the rows alone exceed it; a number is used as given; a streamed dataset
+    always gets an actor; a hub name (size unknown here) gets an actor; a negative number is refused."""
+    import pyarrow as pa
+
     from raydpo.config import build_config
     from raydpo.engine import reference
     from raydpo.errors import ConfigError
     from raydpo.models.paths import weight_bytes
 
-    class Rows:  # what scoring_workers asks of a Dataset
-        def __init__(self, n):
-            self.n = n
+    counted = []
+
+    class Rows:  # what scoring_workers asks of a materialized Dataset: its rows and its blocks
+        def __init__(self, n, width):
+            self.n, self.width = n, width
 
         def count(self):
             return self.n
 
+        def iter_batches(self, batch_size=None, batch_format="pyarrow"):
+            counted.append(self.n)
+            ids = pa.array([[7] * self.width] * self.n, pa.list_(pa.int64()))
+            for lo in range(0, self.n, 10):  # several blocks
+                yield pa.table({c: ids.slice(lo, 10) for c in ("prompt_ids", "chosen_ids", "rejected_ids")})
+
     def workers(policy=str(tiny_llama_dir), rows=64, stream=False, **train):
+        counted.clear()
         data = {"max_length": 48, "max_prompt_length": 24}
         cfg = build_config({"model": {"policy": policy}, "train": train, "data": data})
-        return reference.scoring_workers(cfg, {"train": Rows(rows), "eval": Rows(16)}, stream)
+        return reference.scoring_workers(cfg, {"train": Rows(rows, 5), "eval": Rows(16, 2)}, stream)
 
-    work = weight_bytes(tiny_llama_dir) * (64 + 16) * 2 * 48
-    assert 0 < work <= reference.SMALL_SCORING and workers() == 0
-    monkeypatch.setattr(reference, "SMALL_SCORING", work)
+    size = weight_bytes(tiny_llama_dir)
+    tokens = 64 * 3 * 5 + 16 * 3 * 2  # every block of both splits counted
+    assert reference.count_tokens(Rows(64, 5)) == 64 * 3 * 5
+    assert 0 < size * tokens <= reference.SMALL_SCORING and workers() == 0 and counted == [64, 16]
+    monkeypatch.setattr(reference, "SMALL_SCORING", size * tokens)
     assert workers() == 0 and workers(rows=65) == 1  # at most the threshold stays in the driver
+    monkeypatch.setattr(reference, "SMALL_SCORING", size * tokens - 1)
+    assert workers() == 1 and counted == [64, 16]
+    monkeypatch.setattr(reference, "SMALL_SCORING", size * 79)  # fewer than one token per row
+    assert workers() == 1 and counted == []  # decided from the row count, nothing read
     assert workers(reference_workers=3) == 3 and workers(rows=10**9, reference_workers=0) == 0
     assert workers(stream=True) == 1 and workers(stream=True, reference_workers=0) == 1
     assert workers(stream=True, reference_workers=2) == 2

@@ -148,3 +148,74 @@ def test_non_finite_loss_stops_before_update(tiny_llama_dir):
         train_local(cfg, DPO, _pairs(tok), pad_token_id(tok), policy=policy, reference=ref)
     after = list(policy.parameters())
     assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(before, after))
+
+
+def _score(cfg, pairs):
+    from raydpo.engine.reference import ScoreReference
+
+    scorer = ScoreReference(cfg.model_dump(mode="json"))
+    cols = ([p.prompt_ids for p in pairs], [p.chosen_ids for p in pairs], [p.rejected_ids for p in pairs])
+    return scorer, scorer.score(*cols)
+
+
+def test_reference_scorer_uses_the_runs_layout_and_keeps_the_rows_order(tiny_llama_dir, monkeypatch):
+    """`engine.reference.ScoreReference` scores in the run's layout (one row per pair with
+    `train.prefix_sharing`, else two) in micro-batches of SCORE_MICRO pairs sorted by width, and hands
+    the values back in the rows' order: each equals the pair scored alone, full logits (1e-5)."""
+    from raydpo.data.tokenize import collate_batch
+    from raydpo.engine import reference as ref_module
+    from raydpo.engine.sources import row_width
+    from raydpo.ops.logprobs import pair_logps
+
+    cfg = _cfg(tiny_llama_dir)
+    tok, model = load_tokenizer(cfg.model), load_reference(cfg.model)
+    pairs = _pairs(tok, 12)
+    alone = []
+    for p in pairs:
+        with torch.no_grad():
+            alone.append(pair_logps(model, collate([p], pad_token_id(tok))).sum.tolist())  # chosen, rejected
+    calls = []
+
+    def recording(group, pad_id, layout, groups=1):
+        calls.append((layout, [row_width(p, layout) for p in group]))
+        return collate_batch(group, pad_id, layout, groups)
+
+    monkeypatch.setattr(ref_module, "collate_batch", recording)
+    monkeypatch.setattr(ref_module, "SCORE_MICRO", 5)
+    for sharing, layout in ((True, "shared"), (False, "pairs")):
+        calls.clear()
+        scorer, (chosen, rejected) = _score(_cfg(tiny_llama_dir, prefix_sharing=sharing), pairs)
+        assert scorer.layout == layout
+        assert [len(w) for _, w in calls] == [5, 5, 2] and {c for c, _ in calls} == {layout}
+        widths = [w for _, ws in calls for w in ws]
+        assert widths == sorted(widths) and len(set(widths)) > 1  # sorted across the micro-batches
+        for i, (c, r) in enumerate(alone):
+            assert chosen[i] == pytest.approx(c, abs=1e-5) and rejected[i] == pytest.approx(r, abs=1e-5), i
+
+
+def test_precomputed_reference_trains_like_the_live_one(tiny_llama_dir, monkeypatch):
+    """`train_local(reference_logps=...)`: the batches carry the scorer's values (moved with their pairs
+    into width-sorted micro-batches), no reference model is loaded, and every step's metrics equal a run
+    with the live reference (1e-5)."""
+    import raydpo.engine.loop as loop
+
+    cfg = _cfg(tiny_llama_dir, prefix_sharing=True, grad_accum_steps=4, max_steps=2)
+    tok = load_tokenizer(cfg.model)
+    pairs = _pairs(tok)
+    live = train_local(cfg, DPO, pairs, pad_token_id(tok))
+    _, (chosen, rejected) = _score(cfg, pairs)
+    values = {"ref_chosen": torch.tensor(chosen, dtype=torch.float32),
+              "ref_rejected": torch.tensor(rejected, dtype=torch.float32)}  # fmt: skip
+
+    def no_reference(*a, **k):
+        raise AssertionError("a reference model was loaded although the batches carry its values")
+
+    monkeypatch.setattr(loop, "load_reference", no_reference)
+    pre = train_local(cfg, DPO, pairs, pad_token_id(tok), reference_logps=values)
+    assert len(pre) == len(live) == 2
+    for a, b in zip(live, pre):
+        for k in ("loss", "grad_norm", "logps/chosen", "rewards/margins", "rewards/chosen"):
+            assert b[k] == pytest.approx(a[k], abs=1e-5), k
+    with pytest.raises(ValueError, match="ref_chosen"):
+        short = {**values, "ref_chosen": values["ref_chosen"][:3]}
+        train_local(cfg, DPO, pairs, pad_token_id(tok), reference_logps=short)

@@ -26,10 +26,13 @@ def _steps(cfg: RunConfig, n: int, per_step: int) -> int:
 
 def train_local(cfg: RunConfig, method: Method, rows: list[TokenizedPair] | list[str], pad_id: int, *,
                 policy=None, reference=None, checkpoint_dir: Path | None = None,
-                resume_from: Path | None = None) -> list[dict]:  # fmt: skip
+                resume_from: Path | None = None,
+                reference_logps: dict[str, torch.Tensor] | None = None) -> list[dict]:  # fmt: skip
     """Train in this process on tokenized pairs (or prompts, for on-policy methods). Returns the
     metrics of every step (floats). `policy` (with `reference`, None for none) replaces the models
-    the method would load (tests inspect their weights afterwards)."""
+    the method would load (tests inspect their weights afterwards). `reference_logps`: each pair's
+    precomputed reference log-probs (`ref_chosen`, `ref_rejected`: (N,) each, as
+    `engine.reference.ScoreReference` gives them); the batches carry them and no reference is loaded."""
     device = torch.device("cpu")
     prompts = method.data == "prompts"
     per_step = cfg.ppo.rollout_batch_size if prompts else cfg.train.batch_size
@@ -42,9 +45,9 @@ def train_local(cfg: RunConfig, method: Method, rows: list[TokenizedPair] | list
         if prompts:
             return PromptSource(rows, per_step, max(1, len(rows) // per_step), cfg.train.seed, 0, 1), None
         t = cfg.train
-        return ListSource(
-            rows, per_step, t.seed, pad_id, layout, dev, t.group_by_length, t.grad_accum_steps
-        ), None
+        source = ListSource(rows, per_step, t.seed, pad_id, layout, dev, t.group_by_length,
+                            t.grad_accum_steps, reference_logps)  # fmt: skip
+        return source, None
 
     def report(row: dict, ckpt_fn) -> None:
         if ckpt_fn is not None and checkpoint_dir is not None:
@@ -58,6 +61,7 @@ def train_local(cfg: RunConfig, method: Method, rows: list[TokenizedPair] | list
         report=report,
         checkpoint=resume_from,
         models=(policy, reference) if policy is not None else None,
+        reference_in_data=reference_logps is not None,
     )
     trainer = Trainer(cfg, method, ctx, total, None)
     pos = trainer.setup()

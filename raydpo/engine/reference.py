@@ -1,17 +1,22 @@
 """Reference log-probs once (`train.precompute_reference`): a Ray Data actor-pool stage ahead of
 training, cached on disk, so training keeps only the policy in memory.
 
-The stage scores every tokenized pair with the reference model (`ops.logprobs.pair_logps`, two rows
-per pair, no gradients) and stores the pairs with two more columns, `ref_chosen` and `ref_rejected`
-(summed log-probs), as parquet under `<train.output_dir>/.reference-cache/<key>/<split>/`. A small
-materialized dataset is scored in the driver process instead (`scoring_workers`: an actor that
-imports torch and transformers and loads the model takes seconds to start, longer than such a
-dataset takes to score); the same scorer, batches and order, so the same cache. The key
-is a sha256 over what decides those numbers: the reference weights (every file's size, and its
-bytes below 64 MiB), the tokenizer, the data section of the config, the source's digest and the
-eval split's seed. A run or sweep trial with the same key reads the cache instead of scoring again;
-a sweep scores once for all its trials (sweep/run.py). The cache is published atomically (a
-folder renamed into place), so a stage that dies leaves nothing a later run would trust.
+The stage scores every tokenized pair with the reference model (`ops.logprobs.pair_logps`, no
+gradients) in the run's own fastest exact layout: one `[prompt; chosen; rejected]` row per pair where
+`train.prefix_sharing` is on and the model takes it, the LM head on scored positions only with
+`train.response_only_logits`, and each batch's pairs cut into micro-batches of SCORE_MICRO sorted by
+width (less padding; the results go back to the rows' order). It stores the pairs with two more
+columns, `ref_chosen` and `ref_rejected` (summed log-probs), as parquet under
+`<train.output_dir>/.reference-cache/<key>/<split>/`. A small materialized dataset is scored in the
+driver process instead (`scoring_workers`: an actor that imports torch and transformers and loads the
+model takes seconds to start, longer than such a dataset takes to score); the same scorer, batches
+and order, so the same cache. The key is a sha256 over what decides those numbers: the reference
+weights (every file's size, and its bytes below 64 MiB), the tokenizer, the data section of the
+config, the source's digest, the eval split's seed, and the layout and head settings above (they
+decide the float rounding). A run or sweep trial with the same key reads the cache instead of
+scoring again; a sweep scores once for all its trials (sweep/run.py). The cache is published
+atomically (a folder renamed into place), so a stage that dies leaves nothing a later run would
+trust.
 
 Assumptions:
 - The reference is frozen: `model.reference`, or the policy's starting weights (also when a LoRA
@@ -37,24 +42,27 @@ import torch
 from ray.data.dataset import MaterializedDataset
 
 from raydpo.config import RunConfig
-from raydpo.data.tokenize import TokenizedPair, collate, pad_token_id
+from raydpo.data.tokenize import TokenizedPair, collate_batch, pad_token_id
 from raydpo.engine.checkpointing import HASHED_BELOW, _sha256
+from raydpo.engine.sources import row_width
 from raydpo.models.loading import load_reference, load_tokenizer
 from raydpo.models.paths import local_model_dir, weight_bytes
 from raydpo.models.tiny import builtin_model_dir
-from raydpo.ops.logprobs import pair_logps
+from raydpo.ops.logprobs import pair_logps, shared_prefix_fallback
 from raydpo.tracking import dataset_digest
 
-CACHE_VERSION = 2  # 2: rows carry their position
+CACHE_VERSION = 3  # 2: rows carry their position; 3: scored in the run's layout (prefix sharing, head)
 COLUMNS = ("ref_chosen", "ref_rejected")
 POSITION = "_position"  # a row's place in the scored dataset, in the cache files only
-BATCH = 16  # pairs per forward pass of the scorer
+BATCH = 64  # pairs per call of the scorer (an actor's batch), cut into micro-batches of SCORE_MICRO
+SCORE_MICRO = 8  # pairs per forward pass, sorted by width within a BATCH
 # `train.reference_workers: auto` scores in the driver when the reference's weight bytes × the tokens
-# to score (rows × 2 × data.max_length) is at most this (the tests' tiny Llama on 64 pairs of 48
-# tokens: 3.6e9; `raydpo bench`'s 4.7M-parameter model on 192 pairs of 512: 3.7e12). 1e11 is about
-# a second of forward passes on this project's 2-core machine, against 5-9 s for a scoring actor to
-# start.
-SMALL_SCORING = 1e11
+# to score (every pair's prompt, chosen and rejected ids, counted) is at most this, else in one actor.
+# `raydpo bench`'s 4.7M-parameter float32 model on its 192 short-prompt pairs: 19 MB × 31k tokens =
+# 5.9e11, scored in 2.0-2.4 s on this project's 2-core machine, against 5-9 s for a scoring actor to
+# start (import torch and transformers, load the model); 2.5e12 is about 8 s of the driver's forward
+# passes. A 0.5B-parameter bf16 model passes it with about 2,500 tokens: real models get an actor.
+SMALL_SCORING = 2.5e12
 
 
 def _files_digest(h, name: str) -> None:
@@ -76,6 +84,7 @@ def cache_key(cfg: RunConfig) -> str:
     _files_digest(h, m.tokenizer or m.policy)
     settings = {
         "model": {"dtype": m.dtype, "attn": m.attn_implementation, "reference": m.reference or m.policy},
+        "scoring": {"shared": cfg.train.prefix_sharing, "response_only": cfg.train.response_only_logits},
         "data": d.model_dump(mode="json", exclude={"tokenize_workers", "quarantine_path"}),
         "eval_split_seed": cfg.train.seed if d.eval_fraction and not d.eval_source else None,
         "sources": [dataset_digest(s) for s in (d.source, d.eval_source) if s],
@@ -99,17 +108,34 @@ class ScoreReference:
         model_cfg = cfg.model.model_copy(update={"lora": None})  # a LoRA run's reference is its base
         self.model = load_reference(model_cfg)
         self.pad_id = pad_token_id(load_tokenizer(cfg.model))
+        self.layout = scoring_layout(cfg, self.model)
+        self.response_only = cfg.train.response_only_logits
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         chosen, rejected = self.score(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"])
         return {**batch, "ref_chosen": chosen, "ref_rejected": rejected}
 
     def score(self, prompts, chosen, rejected) -> tuple[np.ndarray, np.ndarray]:
-        """Summed reference log-probs of each pair's chosen and rejected response, (B,) each."""
+        """Summed reference log-probs of each pair's chosen and rejected response, (B,) each, in the
+        pairs' order; computed SCORE_MICRO pairs at a time, sorted by the width each needs."""
         pairs = [TokenizedPair(list(p), list(c), list(r)) for p, c, r in zip(prompts, chosen, rejected)]
-        with torch.no_grad():
-            logps = pair_logps(self.model, collate(pairs, self.pad_id)).sum.double().numpy()  # (2B,)
-        return logps[: len(pairs)], logps[len(pairs) :]
+        order = sorted(range(len(pairs)), key=lambda i: row_width(pairs[i], self.layout))
+        out = np.zeros((2, len(pairs)), dtype=np.float64)  # (chosen, rejected) × B
+        for start in range(0, len(order), SCORE_MICRO):
+            part = order[start : start + SCORE_MICRO]
+            batch = collate_batch([pairs[i] for i in part], self.pad_id, self.layout)
+            with torch.no_grad():
+                logps = pair_logps(self.model, batch, self.response_only).sum.double().numpy()  # (2b,)
+            out[:, part] = logps.reshape(2, len(part))
+        return out[0], out[1]
+
+
+def scoring_layout(cfg: RunConfig, model) -> str:
+    """The scorer's collate layout: one row per pair (`shared`) where the run shares prompts
+    (`train.prefix_sharing`) and this model takes it, else two (`pairs`)."""
+    if cfg.train.prefix_sharing and shared_prefix_fallback((model,), cfg.data.max_length) is None:
+        return "shared"
+    return "pairs"
 
 
 def scoring_workers(cfg: RunConfig, datasets: dict, stream: bool) -> int:
@@ -126,8 +152,23 @@ def scoring_workers(cfg: RunConfig, datasets: dict, stream: bool) -> int:
     )
     if folder is None:  # a hub name: its size is not known here
         return 1
-    tokens = sum(ds.count() for ds in datasets.values()) * 2 * cfg.data.max_length  # an upper bound
-    return 0 if weight_bytes(folder) * tokens <= SMALL_SCORING else 1
+    size = weight_bytes(folder)
+    rows = sum(ds.count() for ds in datasets.values())
+    if size * rows > SMALL_SCORING:  # at least one token per pair: no need to count them
+        return 1
+    return 0 if size * sum(map(count_tokens, datasets.values())) <= SMALL_SCORING else 1
+
+
+def count_tokens(ds) -> int:
+    """Prompt, chosen and rejected ids of every row of a materialized dataset (its blocks' list
+    lengths, read from the object store; no row is decoded)."""
+    import pyarrow.compute as pc
+
+    total = 0
+    for t in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for col in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            total += int(pc.sum(pc.list_value_length(t.column(col))).as_py() or 0)
+    return total
 
 
 def attach(cfg: RunConfig, datasets: dict, log, stream: bool = False) -> tuple[dict, str]:

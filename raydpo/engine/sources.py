@@ -72,14 +72,20 @@ def to_device(batch: dict, device) -> dict:
 class ListSource:
     """Tokenized pairs held in this process (the single-process path): a seeded permutation per epoch,
     the last incomplete batch dropped (every step sees `batch_size` pairs); with `group_by_length`,
-    each window of GROUP_WINDOW batches regrouped by length (`grouped_batches`)."""
+    each window of GROUP_WINDOW batches regrouped by length (`grouped_batches`). `reference`: each
+    pair's precomputed reference log-probs (`{"ref_chosen": (N,), "ref_rejected": (N,)}`, float32),
+    handed out with its pair as a Ray worker's batches carry the cache's columns."""
 
     def __init__(
         self, pairs: list[TokenizedPair], batch_size: int, seed: int, pad_id: int, layout: Layout, device,
-        group_by_length: bool = False, groups: int = 1,
+        group_by_length: bool = False, groups: int = 1, reference: dict[str, torch.Tensor] | None = None,
     ):  # fmt: skip
         self.pairs, self.batch_size, self.seed, self.pad_id = pairs, batch_size, seed, pad_id
         self.layout, self.device, self.group, self.groups = layout, device, group_by_length, groups
+        self.reference = reference or {}
+        for k, v in self.reference.items():
+            if v.shape != (len(pairs),):
+                raise ValueError(f"reference column {k!r} has shape {tuple(v.shape)}, not ({len(pairs)},)")
 
     def batches(self, epoch: int, shuffle: bool) -> Iterator[list[int]]:
         """This epoch's batches as lists of row positions."""
@@ -104,9 +110,11 @@ class ListSource:
     def epoch(self, epoch: int, shuffle: bool = True) -> Iterator[dict]:
         for rows in self.batches(epoch, shuffle):
             group = [self.pairs[j] for j in rows]
-            group = [group[i] for i in micro_batch_order(group, self.groups, self.layout)]
+            rows = [rows[i] for i in micro_batch_order(group, self.groups, self.layout)]
+            group = [self.pairs[j] for j in rows]
             batch = collate_batch(group, self.pad_id, self.layout, self.groups)
-            yield to_device({**batch, "ids": [p.id for p in group]}, self.device)
+            ref = {k: v[rows] for k, v in self.reference.items()}
+            yield to_device({**batch, **ref, "ids": [p.id for p in group]}, self.device)
 
 
 class PromptSource:
