@@ -1028,7 +1028,9 @@ def format_report(result: dict) -> str:
             if fit and any(inner):
                 fit += " (" + ", ".join(x for x in inner if x) + ")"
             outer = [part("preflight_s", "preflight"), part("start_ray_s", "Ray start"),
-                     part("build_datasets_s", "Ray Data pipeline"), fit, part("export_final_s", "export"),
+                     part("build_datasets_s", "Ray Data pipeline"),
+                     part("attach_reference_s", "reference scoring (train.precompute_reference)"), fit,
+                     part("export_final_s", "export"),
                      part("other_s", "other")]  # fmt: skip
             shown = ", ".join(x for x in outer if x)
             notes.append(f"{shape}: raydpo call (median): {shown}")
@@ -1126,11 +1128,13 @@ NOTES = [
     "'interval' rates are from step-end timestamps (raydpo: when the driver received each step's progress "
     "line), so time between steps (reporting, logging) counts too.",
     "wall: the whole training call. raydpo: methods.train, i.e. preflight, Ray start, the Ray Data pipeline, "
-    "Ray Train, the final checkpoint and export (imports done before). TRL: reading the data, tokenizer, "
+    "the reference scoring (with train.precompute_reference, each call its own), Ray Train, the final "
+    "checkpoint and export (imports done before). TRL: reading the data, tokenizer, "
     "DPOTrainer construction (model and reference load, tokenization, precompute), train(), save_model() "
     "(imports done before; they are in process_wall_s).",
-    "TRL variant marked * is the one the ratios use: the faster by wall time. With precompute the reference "
-    "forward runs before the first step, so its steps do less work (its FLOP/s counts 6N per token, not 8N).",
+    "TRL variant marked * is the one the ratios use: the faster by wall time. With precompute (TRL's "
+    "precompute_ref_log_probs, raydpo's train.precompute_reference) the reference forward runs before the "
+    "first step, so the steps do less work (FLOP/s counts 6N per token, not 8N).",
     "step-1 loss: both start from the same weights with policy == reference, so the sigmoid loss is ln 2 in "
     "both whatever the data; logps/chosen (same first 8 pairs, shuffle off in both) is the check that "
     "matters.",

@@ -196,9 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="JSON results file (default runs/bench/bench-DATE-TIME.json)")
     b.add_argument("--keep", action="store_true", help="keep the temporary work directory (model, runs)")
     b.add_argument("--set", action="append", default=[], metavar="train.KEY=VALUE",
-                   help="a raydpo training setting for raydpo's runs, e.g. train.precompute_reference=true "
+                   help="a raydpo training setting for raydpo's runs, e.g. train.precompute_reference=false "
                         "(repeatable; recorded in the JSON; defaults train.prefix_sharing=true "
-                        "train.grad_accum_steps=4)")  # fmt: skip
+                        "train.grad_accum_steps=4 train.precompute_reference=true)")  # fmt: skip
     b.set_defaults(func=_cmd_bench)
 
     c = sub.add_parser("cluster", help="a local multi-node Ray cluster with token auth and an MLflow server")

@@ -186,6 +186,10 @@ def test_settings_defaults_and_quick():
     assert full.shapes == ["long", "short"]
     assert (full.steps, full.pairs, full.batch_size, full.rounds) == (24, 192, 8, 2)
     assert 0 < full.warmup_steps < full.steps
+    assert full.raydpo_overrides == list(bench.RAYDPO_DEFAULTS)
+    assert "train.precompute_reference=true" in bench.RAYDPO_DEFAULTS  # raydpo's fastest exact settings
+    live = bench.resolve_settings(overrides=["train.precompute_reference=false"])
+    assert live.raydpo_overrides == [*bench.RAYDPO_DEFAULTS[:2], "train.precompute_reference=false"]
     quick = bench.resolve_settings(quick=True)
     assert quick.shapes == ["short"] and quick.steps < full.steps and quick.rounds == 1
     assert quick.pairs == quick.steps * quick.batch_size
