@@ -58,8 +58,8 @@ BATCH = 64  # pairs per call of the scorer (an actor's batch), cut into micro-ba
 SCORE_MICRO = 8  # pairs per forward pass, sorted by width within a BATCH
 # `train.reference_workers: auto` scores in the driver when the reference's weight bytes × the tokens
 # to score (every pair's prompt, chosen and rejected ids, counted) is at most this, else in one actor.
-# `raydpo bench`'s 4.7M-parameter float32 model on its 192 short-prompt pairs: 19 MB × 31k tokens =
-# 5.9e11, scored in 2.0-2.4 s on this project's 2-core machine, against 5-9 s for a scoring actor to
+# `raydpo bench`'s 4.7M-parameter float32 model on its 192 short-prompt pairs: 19 MB × 32k tokens =
+# 6.0e11, scored in 2.0-2.4 s on this project's 2-core machine, against 5-9 s for a scoring actor to
 # start (import torch and transformers, load the model); 2.5e12 is about 8 s of the driver's forward
 # passes. A 0.5B-parameter bf16 model passes it with about 2,500 tokens: real models get an actor.
 SMALL_SCORING = 2.5e12
