@@ -448,7 +448,6 @@ def phase_timers(module, names: tuple[str, ...], seconds: dict, starts: dict, t0
             setattr(module, n, fn)
 
 
-SCORED_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids")  # a TokenizedPair's, as the scorer takes them
 PHASES = ("preflight", "start_ray", "build_datasets", "attach_reference", "fit", "export_final")
 
 
@@ -574,15 +573,9 @@ def run_raydpo_noray(settings: Settings, model_dir: str, data_path: Path, out_di
         pairs = [tokenize_pair(PreferenceRecord(**r), tok, d.max_length, d.max_prompt_length) for r in rows]
         ref = None
         if cfg.train.precompute_reference:
-            from raydpo.engine.reference import BATCH, ScoreReference
+            from raydpo.engine.reference import ScoreReference
 
-            scorer, parts = ScoreReference(cfg.model_dump(mode="json")), []
-            for i in range(0, len(pairs), BATCH):  # the driver's batches (engine.reference.score_here)
-                part = pairs[i : i + BATCH]
-                parts.append(scorer.score(*([getattr(p, f) for p in part] for f in SCORED_FIELDS)))
-            del scorer
-            ref = {k: torch.tensor([x for part in parts for x in part[j]], dtype=torch.float32)
-                   for j, k in enumerate(("ref_chosen", "ref_rejected"))}  # fmt: skip
+            ref = ScoreReference(cfg.model_dump(mode="json")).columns(pairs)  # the driver's batches
         history = train_local(cfg, get_method(cfg.method), pairs, pad_token_id(tok), reference_logps=ref)
         wall = time.perf_counter() - t0
     finally:

@@ -155,7 +155,7 @@ def _score(cfg, pairs):
 
     scorer = ScoreReference(cfg.model_dump(mode="json"))
     cols = ([p.prompt_ids for p in pairs], [p.chosen_ids for p in pairs], [p.rejected_ids for p in pairs])
-    return scorer, scorer.score(*cols)
+    return scorer, scorer.score(*cols)  # the columns of a Ray Data batch, as an actor gets them
 
 
 def test_reference_scorer_uses_the_runs_layout_and_keeps_the_rows_order(tiny_llama_dir, monkeypatch):
@@ -203,9 +203,10 @@ def test_precomputed_reference_trains_like_the_live_one(tiny_llama_dir, monkeypa
     tok = load_tokenizer(cfg.model)
     pairs = _pairs(tok)
     live = train_local(cfg, DPO, pairs, pad_token_id(tok))
-    _, (chosen, rejected) = _score(cfg, pairs)
-    values = {"ref_chosen": torch.tensor(chosen, dtype=torch.float32),
-              "ref_rejected": torch.tensor(rejected, dtype=torch.float32)}  # fmt: skip
+    scorer, (chosen, rejected) = _score(cfg, pairs)
+    values = scorer.columns(pairs)  # the driver's batches of BATCH: here one
+    assert values["ref_chosen"].tolist() == pytest.approx(chosen.tolist(), abs=1e-6)
+    assert values["ref_rejected"].tolist() == pytest.approx(rejected.tolist(), abs=1e-6)
 
     def no_reference(*a, **k):
         raise AssertionError("a reference model was loaded although the batches carry its values")

@@ -116,9 +116,13 @@ class ScoreReference:
         return {**batch, "ref_chosen": chosen, "ref_rejected": rejected}
 
     def score(self, prompts, chosen, rejected) -> tuple[np.ndarray, np.ndarray]:
+        """`score_pairs` of a batch's columns."""
+        rows = zip(prompts, chosen, rejected)
+        return self.score_pairs([TokenizedPair(list(p), list(c), list(r)) for p, c, r in rows])
+
+    def score_pairs(self, pairs: list[TokenizedPair]) -> tuple[np.ndarray, np.ndarray]:
         """Summed reference log-probs of each pair's chosen and rejected response, (B,) each, in the
         pairs' order; computed SCORE_MICRO pairs at a time, sorted by the width each needs."""
-        pairs = [TokenizedPair(list(p), list(c), list(r)) for p, c, r in zip(prompts, chosen, rejected)]
         order = sorted(range(len(pairs)), key=lambda i: row_width(pairs[i], self.layout))
         out = np.zeros((2, len(pairs)), dtype=np.float64)  # (chosen, rejected) × B
         for start in range(0, len(order), SCORE_MICRO):
@@ -128,6 +132,13 @@ class ScoreReference:
                 logps = pair_logps(self.model, batch, self.response_only).sum.double().numpy()  # (2b,)
             out[:, part] = logps.reshape(2, len(part))
         return out[0], out[1]
+
+    def columns(self, pairs: list[TokenizedPair]) -> dict[str, torch.Tensor]:
+        """`ref_chosen` / `ref_rejected` (N,) float32 of `pairs`, scored in the driver's batches of
+        BATCH (`score_here`): what `engine.local.train_local(reference_logps=...)` takes."""
+        parts = [self.score_pairs(pairs[i : i + BATCH]) for i in range(0, len(pairs), BATCH)]
+        return {k: torch.tensor(np.concatenate([p[j] for p in parts]) if parts else [], dtype=torch.float32)
+                for j, k in enumerate(COLUMNS)}  # fmt: skip
 
 
 def scoring_layout(cfg: RunConfig, model) -> str:
