@@ -10,6 +10,9 @@
 - Ray Train's controller gets the loop config as an object reference (`engine.launch.fit`), so it
   never unpickles the Method (which would import torch and transformers there), and a backend config
   whose module imports no torch (`engine.backend.ProcessGroupConfig`; Ray's `TorchConfig` does).
+- Ray Train starts no actor the run does not use (`engine.launch.RunTrainer`): workers that each read
+  the whole dataset get its iterators in the loop config (no DatasetManager actor), and a local Ray
+  has no placement-group cleaner actor.
 - A Ray Train worker takes Ray Data's batches in runs (`engine.worker.pull_ahead`), in their order.
 - A Ray Train worker imports neither peft (LoRA only) nor the distributed state-dict helpers (FSDP
   only) unless the run uses them.
@@ -198,7 +201,6 @@ def test_an_empty_source_is_refused_the_same_way_on_both_paths(ray_local, tmp_pa
             prepare_dataset(cfg, str(empty), tmp_path / f"q{workers}.jsonl")
 
 
-@pytest.mark.ray
 def _imports_torch_when_unpickled(obj) -> bool:
     """Whether a fresh process that unpickles `obj` (as Ray Train's controller does) imports torch."""
     import cloudpickle
@@ -209,6 +211,7 @@ def _imports_torch_when_unpickled(obj) -> bool:
     return out.stdout.decode().strip() == "True"
 
 
+@pytest.mark.ray
 def test_the_controller_gets_the_loop_config_as_an_object_reference(ray_local, run_cfg, monkeypatch):
     import ray
     from ray.train.torch import TorchConfig
@@ -219,20 +222,88 @@ def test_the_controller_gets_the_loop_config_as_an_object_reference(ray_local, r
 
     class FakeTrainer:
         def __init__(self, fn, train_loop_config, **kwargs):
-            seen.update(config=train_loop_config, torch_config=kwargs["torch_config"])
+            seen.update(config=train_loop_config, **kwargs)
 
         def fit(self):
             return "fitted"
 
-    monkeypatch.setattr(launch, "TorchTrainer", FakeTrainer)
+    monkeypatch.setattr(launch, "RunTrainer", FakeTrainer)
     loop_config = {"method": "dpo", "pad_id": 0, "total_steps": 3}
     assert launch.fit(run_cfg(), loop_config, {}) == "fitted"
     assert set(seen["config"]) == {"ref"} and isinstance(seen["config"]["ref"], ray.ObjectRef)
-    assert ray.get(seen["config"]["ref"]) == loop_config
+    given = ray.get(seen["config"]["ref"])
+    assert {k: given[k] for k in loop_config} == loop_config and given["shards"] == {}
     # The backend config: Ray's fields and defaults (TorchTrainer sets the backend), and no torch there.
     assert seen["torch_config"].to_dict() == TorchConfig().to_dict()
     assert not _imports_torch_when_unpickled(seen["torch_config"])
     assert _imports_torch_when_unpickled(TorchConfig())  # what the controller imported before
+
+
+@pytest.mark.ray
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # unpickling a DataContext sets old fields too
+def test_workers_that_read_the_whole_dataset_get_its_iterators_without_rays_dataset_actor(
+    ray_local, run_cfg, monkeypatch
+):
+    """Not split: Ray Train gets no datasets and leaves out its DatasetManager actor; each worker gets
+    the iterators DataConfig would give it (the rows in order, preserve_order) and the driver's
+    DataContext. Split (data.streaming): Ray Train's own datasets and callback. The placement-group
+    cleaner actor is left out on a local Ray only."""
+    import ray
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    from raydpo.engine import launch
+
+    seen = {}
+
+    class FakeTrainer:
+        def __init__(self, fn, train_loop_config, **kwargs):
+            seen.update(config=ray.get(train_loop_config["ref"]), **kwargs)
+
+        def fit(self):
+            return "fitted"
+
+    monkeypatch.setattr(launch, "RunTrainer", FakeTrainer)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    train = ray.data.from_items([{"i": i} for i in range(10)]).materialize()
+    evalset = ray.data.from_items([{"i": -i} for i in range(3)]).materialize()
+    launch.fit(run_cfg(), {"split_data": False}, {"train": train, "eval": evalset})
+    assert seen["datasets"] == {}
+    assert set(seen["leave_out"]) == {DatasetsCallback, PlacementGroupCleanerCallback}
+    shards = seen["config"]["shards"]
+    assert [r["i"] for r in shards["train"].iter_rows()] == list(range(10))
+    assert [r["i"] for r in shards["eval"].iter_rows()] == [0, -1, -2]
+    assert shards["train"]._base_dataset.context.execution_options.preserve_order
+    assert seen["config"]["data_context"].enable_progress_bars is False  # quiet_ray's, carried over
+
+    launch.fit(run_cfg(), {"split_data": True}, {"train": train})
+    assert set(seen["datasets"]) == {"train"} and "shards" not in seen["config"]
+    assert seen["leave_out"] == (PlacementGroupCleanerCallback,)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a cluster: its cleaner stays
+    launch.fit(run_cfg(), {"split_data": True}, {"train": train})
+    assert seen["leave_out"] == ()
+
+
+@pytest.mark.ray
+def test_run_trainer_leaves_out_exactly_the_callbacks_it_is_told(ray_local, run_cfg):
+    """The names RunTrainer filters exist in this Ray (pinned) and are among Ray Train's defaults;
+    only they go."""
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    from raydpo.engine import launch
+
+    scaling, run_config = launch.ray_train_configs(run_cfg())
+
+    def kinds(leave_out):
+        trainer = launch.RunTrainer(lambda c: None, train_loop_config={}, scaling_config=scaling,
+                                    run_config=run_config, leave_out=leave_out)  # fmt: skip
+        return [type(c) for c in trainer._create_default_callbacks()]
+
+    everything = kinds(())
+    assert DatasetsCallback in everything and PlacementGroupCleanerCallback in everything
+    fewer = kinds((DatasetsCallback, PlacementGroupCleanerCallback))
+    assert fewer == [k for k in everything if k not in (DatasetsCallback, PlacementGroupCleanerCallback)]
 
 
 def test_a_worker_imports_neither_peft_nor_the_state_dict_helpers_unless_the_run_uses_them():
@@ -341,7 +412,7 @@ def test_a_local_rays_processes_do_not_preempt_the_training_thread(ray_local):
 
 @pytest.mark.ray
 def test_a_driver_reuses_its_progress_queue_and_drops_an_earlier_runs_late_lines(ray_local):
-    """One queue actor (a process) serves a driver's runs one after another; a run still going holds
+    """One channel actor (a process) serves a driver's runs one after another; a run still going holds
     its own, and a line that an earlier run's worker sends after that run ended is not shown."""
     from raydpo.engine.progress import Progress, sender
 
@@ -353,9 +424,82 @@ def test_a_driver_reuses_its_progress_queue_and_drops_an_earlier_runs_late_lines
     with Progress(2, shown, stream=None) as second, Progress(2, shown, stream=None) as third:
         sender(second.channel)({"step": 1, "loss": 0.3})
         sender(third.channel)({"step": 1, "loss": 0.2})
-    actor = lambda p: p.queue.actor._actor_id  # noqa: E731
+    actor = lambda p: p.actor._actor_id  # noqa: E731
     assert actor(second) == actor(first) and actor(third) != actor(first)
     assert [h["loss"] for h in second.history] == [0.3] and [h["loss"] for h in third.history] == [0.2]
+
+
+@pytest.mark.ray
+def test_a_runs_inputs_reach_each_worker_that_asks_and_a_stopped_run_hands_out_none(ray_local):
+    """`Progress.post` / `progress.fetch`: a worker that asks first waits for the driver; every worker
+    (and a restarted one) gets the same inputs; a run that stopped before training posts None."""
+    import ray
+
+    from raydpo.engine.progress import Progress, fetch
+
+    @ray.remote(num_cpus=0)
+    def worker(channel):
+        return fetch(channel)
+
+    shown = (("loss", "loss"),)
+    with Progress(None, shown, stream=None) as run:
+        early = worker.remote(run.channel)
+        assert ray.wait([early], timeout=1.0)[0] == []  # nothing posted yet: it waits
+        posted = run.post({"total_steps": 3, "rows": list(range(5))})
+        assert ray.get(early) == {"total_steps": 3, "rows": list(range(5))}
+        assert ray.get(worker.remote(run.channel)) == ray.get(posted)  # asked again: the same
+    with Progress(None, shown, stream=None) as stopped:
+        assert stopped.actor._actor_id == run.actor._actor_id  # the channel, reused by the next run
+        stopped.post(None)
+        assert ray.get(worker.remote(stopped.channel)) is None
+
+
+@pytest.mark.ray
+def test_a_bad_input_found_while_ray_train_starts_stops_it_before_training(ray_local, run_cfg, monkeypatch):
+    """The driver prepares the data while Ray Train starts (engine.launch.run); an error there is
+    raised as it is, after the started workers returned without training and `fit` ended."""
+    import threading
+
+    from raydpo.engine import launch
+    from raydpo.errors import DataError
+    from raydpo.methods import train
+
+    fits = []
+    real_fit = launch.fit
+
+    def fit(*args):
+        fits.append(threading.current_thread() is not threading.main_thread())
+        return real_fit(*args)
+
+    def bad_data(cfg, log, texts=False):
+        raise DataError("d.jsonl: 9 of 10 rows quarantined, over data.max_bad_fraction=0.5")
+
+    monkeypatch.setattr(launch, "fit", fit)
+    monkeypatch.setattr(launch, "build_datasets", bad_data)
+    cfg = run_cfg(scaling={"num_workers": 1})
+    with pytest.raises(DataError, match="9 of 10 rows quarantined"):
+        train(cfg, log=lambda m: None)
+    assert fits == [True]  # Ray Train was started alongside the data stage, from a thread
+    assert not [t for t in threading.enumerate() if t.name.startswith("raydpo-fit")]  # and it ended
+    assert not list(cfg.run_dir.glob("**/checkpoint_*"))  # no step ran
+
+
+@pytest.mark.ray
+def test_with_ray_train_starting_the_reference_is_scored_here_not_by_an_actor_that_would_wait(
+    ray_local, run_cfg, monkeypatch
+):
+    """Ray Train, started alongside the data stage, holds the CPUs that a scoring actor would ask for:
+    `train.reference_workers: auto` then scores in the driver even where it would pick an actor."""
+    from raydpo.engine import reference
+    from raydpo.methods import train
+
+    monkeypatch.setattr(reference, "SMALL_SCORING", 0)  # auto alone would start an actor
+    lines: list[str] = []
+    cfg = run_cfg(scaling={"num_workers": 1}, train={"precompute_reference": True, "max_steps": 2})
+    out = train(cfg, log=lines.append)
+    assert [h["step"] for h in out["history"] if "loss" in h] == [1, 2]
+    computed = [x for x in lines if x.startswith("reference log-probs: computed")]
+    assert len(computed) == 1 and "(in this process)" in computed[0], lines
 
 
 def test_what_a_raylet_started_and_outlived_its_shutdown_is_ended_and_nothing_else(tmp_path):

@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import sys
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray.train
@@ -21,7 +23,7 @@ from ray.data import ExecutionOptions
 from ray.train.torch import TorchTrainer
 
 from raydpo.config import RunConfig, config_to_dict, dump_config, flatten
-from raydpo.data.pipeline import hash_split, prepare_dataset, store_parquet, streams
+from raydpo.data.pipeline import hash_split, prepare_dataset, store_parquet, streams, tokenize_workers
 from raydpo.data.pipeline import preflight as data_preflight
 from raydpo.data.prompts import read_prompts
 from raydpo.data.tokenize import pad_token_id
@@ -223,6 +225,13 @@ def run(
     (datasets tokenized once for the whole sweep), its kind, the sweep's parent MLflow run, its swept
     values as tags, a readable MLflow run name (`label`), and Tune's report callback.
     Returns {run_dir, final_model, history, mlflow_run_id, total_steps}.
+
+    A run whose workers each read the whole dataset it prepares itself (not streamed, not a sweep's)
+    starts Ray Train first and prepares its inputs meanwhile (`prepare_inputs`): Ray Train's
+    controller and workers start, import torch and the model code while this process validates,
+    tokenizes and scores the data; the workers then fetch the inputs from the progress channel
+    (`Progress.post`, `engine.worker`). A bad input stops the workers before training and is raised
+    here as it would be without the overlap.
     """
     cfg = resolve_scaling(resolve_paths(cfg, log))
     if method.check:
@@ -238,61 +247,49 @@ def run(
     tidy_run_dir(cfg.run_dir, log)
     start_ray(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1)
     loop_config: dict = {
-        "method": method,
-        "pad_id": pad_token_id(tokenizer),
-    }
-    if prompts_only:
-        d = cfg.data
-        prompts = read_prompts(d.source, d.columns.prompt, fmt=d.format, split=d.split, max_rows=d.max_rows,
-                               max_bad_fraction=d.max_bad_fraction)  # fmt: skip
-        datasets, reports, n_rows = {}, [], len(prompts)
-        loop_config.update(prompts=prompts, has_eval=False)
-    else:
-        train, evalset, reports = prepared or build_datasets(cfg, log, texts=method.data == "texts")
-        datasets = {"train": train, **({"eval": evalset} if evalset is not None else {})}
-        if precomputes_reference(cfg, method):
-            if REF_COLUMNS[0] not in train.schema().names:  # a sweep attaches them once for its trials
-                datasets, outcome = attach_reference(cfg, datasets, log, stream=streams(cfg))
-                tags = {**(tags or {}), "raydpo.reference_logps": outcome}
-            loop_config["reference_in_data"] = True
-        n_rows = datasets["train"].count()
-        loop_config["has_eval"] = evalset is not None
-        loop_config["split_data"] = streams(cfg)
-    per_epoch = steps_per_epoch(cfg, method, n_rows)
-    steps = cfg.train.max_steps or per_epoch * cfg.train.epochs
-    uri = tracking_uri(cfg.tracking)
-    run_id = start_or_resume_run(cfg, method, kind or method.kind, parent_run_id, tags, label)
-    driver_log = RunLogger(uri, run_id)
-    driver_log.log_artifact(cfg.run_dir / "config.yaml")
-    for r, context in zip(reports, ("training", "eval")):
-        driver_log.log_artifact(r.path, "quarantine") if r.path else None
-        profile = {"rows": r.total, "kept": r.kept, "quarantined": r.bad, "reasons": r.counts}
-        driver_log.log_dataset(r.source, context, profile)
-    if prompts_only:
-        driver_log.log_dataset(
-            cfg.data.source, "training", {"rows": n_rows, "kept": n_rows, "quarantined": 0}
-        )
-    if reports:
-        _write_report(cfg, reports, driver_log)
-    where = f", MLflow run {run_id}" if run_id else ""
-    what = f"loss {'+'.join(cfg.loss.names)}" if method.kind == "train" else f"method {cfg.method}"
-    unit = {"pairs": "pairs", "texts": "texts", "prompts": "prompts"}[method.data]
-    log(f"training {cfg.run_name}: {n_rows} {unit}, {steps} steps, "
-        f"{cfg.scaling.num_workers} worker(s), {what}{where}")  # fmt: skip
-    loop_config.update(run_config=cfg.model_dump(mode="json"), total_steps=steps, steps_per_epoch=per_epoch,
-                       tracking_uri=uri, mlflow_run_id=run_id)  # fmt: skip
-    try:
-        with Progress(steps, method.progress, stream) as progress:
-            loop_config["progress"] = progress.channel
-            result = fit(cfg, loop_config, datasets, callbacks)
-    except BaseException:
-        drain_spool(uri, run_id, cfg.run_dir / "mlflow-spool.jsonl")
-        tolerant(log, driver_log.finish, "FAILED")
-        raise
+        "method": method, "pad_id": pad_token_id(tokenizer), "run_config": cfg.model_dump(mode="json"),
+        "tracking_uri": tracking_uri(cfg.tracking),
+    }  # fmt: skip
+    # Only on a Ray this process started, whose one spare CPU slot (`start_ray`) is all that the
+    # driver's own data stage needs while Ray Train holds the rest; an actor stage starts nothing early.
+    overlap = not prompts_only and prepared is None and not streams(cfg) and not os.environ.get("RAY_ADDRESS")
+    with Progress(None, method.progress, stream) as progress:
+        loop_config["progress"] = progress.channel
+        started: list[Background] = []
+
+        def begin() -> bool:
+            """Start Ray Train now (its workers fetch the rest of the loop config, `Progress.post`);
+            whether it is starting."""
+            if overlap and not started:
+                early = {**loop_config, "inputs_later": True}
+                started.append(Background(fit, cfg, early, {}, callbacks))
+            return bool(started)
+
+        try:
+            inputs = prepare_inputs(cfg, method, log, prepared, kind, parent_run_id, tags, label, begin)
+        except BaseException:
+            if started:
+                progress.post(None)  # the workers return before training
+                started[0].join(quiet=True)
+            raise
+        progress.total = inputs.steps
+        later = inputs.loop_config
+        try:
+            if started:
+                posted = progress.post({**later, **worker_data(inputs.datasets)})
+                result = started[0].join()
+                del posted  # held while the workers may fetch it (a restarted worker group too)
+            else:
+                result = fit(cfg, {**loop_config, **later}, inputs.datasets, callbacks)
+        except BaseException:
+            drain_spool(inputs.uri, inputs.run_id, cfg.run_dir / "mlflow-spool.jsonl")
+            tolerant(log, inputs.driver_log.finish, "FAILED")
+            raise
+    uri, run_id, driver_log, steps = inputs.uri, inputs.run_id, inputs.driver_log, inputs.steps
     with result.checkpoint.as_directory() as ckpt:  # a checkpoint on remote storage is downloaded here
         final = export_final(Path(ckpt), tokenizer, cfg.run_dir / "final")
     stored = upload_dir(final, join(cfg.run_location, "final")) if cfg.train.storage_path else None
-    summary = describe(cfg, method, n_rows, steps, progress.history)
+    summary = describe(cfg, method, inputs.n_rows, steps, progress.history)
     drain_spool(uri, run_id, cfg.run_dir / "mlflow-spool.jsonl")
     tolerant(log, driver_log.log_model, final, cfg.tracking.log_model, stored)
     tolerant(log, driver_log.set_description, summary)
@@ -308,6 +305,104 @@ def run(
     tmp.write_text(json.dumps(record))
     os.replace(tmp, done)  # last: a run without it did not complete
     return {"run_dir": str(cfg.run_dir), "history": progress.history, **record}
+
+
+@dataclass
+class Inputs:
+    """What `prepare_inputs` made: the datasets, the run's size, its MLflow run, and the loop config
+    entries that depend on them."""
+
+    datasets: dict
+    n_rows: int
+    steps: int
+    uri: str
+    run_id: str | None
+    driver_log: RunLogger
+    loop_config: dict
+
+
+def prepare_inputs(
+    cfg, method, log, prepared, kind, parent_run_id, tags, label, begin=lambda: False
+) -> Inputs:
+    """The data (validated, tokenized, with reference log-probs where the run reads them), the number
+    of steps, and the MLflow run with the data's records.
+
+    `begin()` (whether Ray Train is starting) is called once what is left runs in this process, so
+    that no Ray Data actor waits for CPUs that a starting Ray Train holds: before the data stage
+    when the driver tokenizes (`data.pipeline.tokenize_workers` 0), else after it; with Ray Train
+    starting the reference is scored here too (`train.reference_workers: auto`; a number of actors
+    that the config sets starts Ray Train after the scoring instead)."""
+    loop_config: dict = {}
+    if method.data == "prompts":
+        d = cfg.data
+        prompts = read_prompts(d.source, d.columns.prompt, fmt=d.format, split=d.split, max_rows=d.max_rows,
+                               max_bad_fraction=d.max_bad_fraction)  # fmt: skip
+        datasets, reports, n_rows = {}, [], len(prompts)
+        loop_config.update(prompts=prompts, has_eval=False)
+    else:
+        precompute = precomputes_reference(cfg, method)
+        actors_asked = precompute and cfg.train.reference_workers not in ("auto", 0)
+        if prepared is None and not actors_asked and tokenize_workers(cfg, streamed=streams(cfg)) == 0:
+            begin()  # validated and tokenized in this process
+        train, evalset, reports = prepared or build_datasets(cfg, log, texts=method.data == "texts")
+        datasets = {"train": train, **({"eval": evalset} if evalset is not None else {})}
+        training = not actors_asked and begin()
+        if precompute:
+            if REF_COLUMNS[0] not in train.schema().names:  # a sweep attaches them once for its trials
+                here = 0 if training else None  # Ray Train holds the CPUs an actor would wait for
+                datasets, outcome = attach_reference(cfg, datasets, log, stream=streams(cfg), workers=here)
+                tags = {**(tags or {}), "raydpo.reference_logps": outcome}
+            loop_config["reference_in_data"] = True
+        n_rows = datasets["train"].count()
+        loop_config["has_eval"] = evalset is not None
+        loop_config["split_data"] = streams(cfg)
+    per_epoch = steps_per_epoch(cfg, method, n_rows)
+    steps = cfg.train.max_steps or per_epoch * cfg.train.epochs
+    uri = tracking_uri(cfg.tracking)
+    run_id = start_or_resume_run(cfg, method, kind or method.kind, parent_run_id, tags, label)
+    driver_log = RunLogger(uri, run_id)
+    driver_log.log_artifact(cfg.run_dir / "config.yaml")
+    for r, context in zip(reports, ("training", "eval")):
+        driver_log.log_artifact(r.path, "quarantine") if r.path else None
+        profile = {"rows": r.total, "kept": r.kept, "quarantined": r.bad, "reasons": r.counts}
+        driver_log.log_dataset(r.source, context, profile)
+    if method.data == "prompts":
+        driver_log.log_dataset(
+            cfg.data.source, "training", {"rows": n_rows, "kept": n_rows, "quarantined": 0}
+        )
+    if reports:
+        _write_report(cfg, reports, driver_log)
+    where = f", MLflow run {run_id}" if run_id else ""
+    what = f"loss {'+'.join(cfg.loss.names)}" if method.kind == "train" else f"method {cfg.method}"
+    unit = {"pairs": "pairs", "texts": "texts", "prompts": "prompts"}[method.data]
+    log(f"training {cfg.run_name}: {n_rows} {unit}, {steps} steps, "
+        f"{cfg.scaling.num_workers} worker(s), {what}{where}")  # fmt: skip
+    loop_config.update(total_steps=steps, steps_per_epoch=per_epoch, mlflow_run_id=run_id)
+    return Inputs(datasets, n_rows, steps, uri, run_id, driver_log, loop_config)
+
+
+class Background:
+    """`fn(*args)` in a thread of this process; `join` returns its result or raises its exception."""
+
+    def __init__(self, fn, *args):
+        self._out: list = []
+        name = f"raydpo-{getattr(fn, '__name__', 'call')}"
+        self._thread = threading.Thread(target=self._run, args=(fn, *args), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, fn, *args) -> None:
+        try:
+            self._out.append((True, fn(*args)))
+        except BaseException as e:  # handed to the joining thread
+            self._out.append((False, e))
+
+    def join(self, quiet: bool = False):
+        """The result; `quiet`: wait, and drop an exception (the caller raises its own)."""
+        self._thread.join()
+        ok, value = self._out[0]
+        if ok or quiet:
+            return value if ok else None
+        raise value
 
 
 def tolerant(log, fn, *args) -> None:
@@ -367,22 +462,64 @@ def ray_train_configs(cfg: RunConfig, callbacks=None):
     return scaling, run_config
 
 
+class RunTrainer(TorchTrainer):
+    """TorchTrainer without the helper actors that a run does not use. Each Ray Train callback below
+    starts an actor, a Python process of its own that imports Ray (about 1.5 CPU-seconds each on this
+    project's 2-core machine), on the path to the first step, and Ray Train waits on both before it
+    runs the training function:
+    - `DatasetsCallback`'s DatasetManager hands out the dataset shards; a run whose workers each read
+      the whole materialized dataset gets its iterators in the loop config instead (`fit`);
+    - `PlacementGroupCleanerCallback`'s detached cleaner removes the run's placement group if the
+      controller dies; on a Ray that this process started (no RAY_ADDRESS) the placement group ends
+      with that Ray at exit, so there it is left out. On a cluster it stays.
+    Ray is pinned to one version (pyproject.toml); tests/test_startup.py checks these names."""
+
+    def __init__(self, *args, leave_out: tuple[type, ...] = (), **kwargs):
+        self._leave_out = leave_out
+        super().__init__(*args, **kwargs)
+
+    def _create_default_callbacks(self):
+        return [c for c in super()._create_default_callbacks() if not isinstance(c, self._leave_out)]
+
+
+def worker_data(datasets: dict) -> dict:
+    """The loop config entries of workers that each read the whole of `datasets`: the iterators Ray
+    Train's DataConfig would hand each of them (rows in order), and the driver's DataContext, which
+    Ray Train would propagate."""
+    from ray.data import DataContext
+
+    options = ExecutionOptions(preserve_order=True)
+    config = ray.train.DataConfig(datasets_to_split=[], execution_options=options)
+    shards = config.configure(datasets, 1, None, None)[0] if datasets else {}
+    return {"shards": shards, "data_context": DataContext.get_current()}
+
+
 def fit(cfg: RunConfig, loop_config: dict, datasets: dict, callbacks=None):
-    """TorchTrainer.fit(), with a training failure reduced to its root cause's last line."""
+    """TorchTrainer.fit(), with a training failure reduced to its root cause's last line.
+
+    Not split (every worker streams all pairs in the same order and keeps its slice, worker.py): each
+    worker gets the iterators that Ray Train's DataConfig would hand it, and the driver's DataContext,
+    in the loop config, and Ray Train gets no datasets. Split (`data.streaming`): Ray Train's own
+    `streaming_split`, one equal shard per worker."""
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
     scaling, run_config = ray_train_configs(cfg, callbacks)
+    split = bool(loop_config.get("split_data"))
+    data_config = ray.train.DataConfig(
+        datasets_to_split="all" if split else [], execution_options=ExecutionOptions(preserve_order=True)
+    )
+    leave_out: tuple[type, ...] = () if os.environ.get("RAY_ADDRESS") else (PlacementGroupCleanerCallback,)
+    if not split:
+        loop_config = {**worker_data(datasets), **loop_config}  # `inputs_later`: the workers fetch them
+        datasets, leave_out = {}, (*leave_out, DatasetsCallback)
     # The loop config reaches the workers through the object store: Ray Train's controller unpickles
     # `train_loop_config` itself, and unpickling the Method would import torch, transformers and the
     # engine there (seconds before it even starts the workers). `ref` lives as long as this call.
     ref = ray.put(loop_config)
-    trainer = TorchTrainer(
+    trainer = RunTrainer(
         train_loop_per_worker, train_loop_config={"ref": ref}, scaling_config=scaling, run_config=run_config,
-        datasets=datasets, torch_config=ProcessGroupConfig(),
-        # Not split: every worker streams all pairs in the same order and keeps its slice (worker.py).
-        # Split (data.streaming): each worker streams its own equal shard (streaming_split).
-        dataset_config=ray.train.DataConfig(
-            datasets_to_split="all" if loop_config.get("split_data") else [],
-            execution_options=ExecutionOptions(preserve_order=True),
-        ),
+        datasets=datasets, torch_config=ProcessGroupConfig(), dataset_config=data_config, leave_out=leave_out,
     )  # fmt: skip
     try:
         return trainer.fit()

@@ -1,13 +1,16 @@
-"""Live progress lines on the driver, fed by rank 0 through a Ray queue; also keeps the step history.
+"""Live progress lines on the driver, fed by rank 0 through a channel actor; also keeps the step
+history. The same channel carries a run's inputs the other way when the driver prepares them while
+Ray Train starts (`post` / `fetch`, engine/launch.py).
 
-The queue is an actor (a process of its own): a driver keeps an idle one and hands it to its next run
-(`_acquire`/`_release`), so a sweep of in-process runs, the demo or a test session starts one such
-process instead of one per run. Each run tags its lines, and a line of an earlier run that arrives late
-is dropped.
+The channel is an actor (a process of its own): a driver keeps an idle one and hands it to its next
+run (`_acquire`/`_release`), so a sweep of in-process runs, the demo or a test session starts one such
+process instead of one per run. Each run tags its lines and inputs, and a line of an earlier run that
+arrives late is dropped.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import threading
 import time
@@ -15,10 +18,58 @@ import uuid
 
 import ray
 from ray.exceptions import RayError
-from ray.util.queue import Empty, Full, Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-_IDLE: dict[tuple[str, str], Queue] = {}  # (job, node) → a queue no run of this driver is using
+LINES = 10_000  # lines the channel holds for the driver; rank 0's next lines are dropped beyond it
+
+
+class Channel:
+    """The actor: lines up (rank 0 → driver, best effort), each run's inputs down (driver → every
+    worker of the run, any number of times: a restarted worker group fetches them again)."""
+
+    def __init__(self, maxsize: int = LINES):
+        self.lines: asyncio.Queue = asyncio.Queue(maxsize)
+        self.posted: dict[str, list] = {}
+        self.ready: dict[str, asyncio.Event] = {}
+
+    def put(self, item: dict) -> None:
+        if not self.lines.full():
+            self.lines.put_nowait(item)
+
+    async def take(self, timeout: float) -> list[dict]:
+        """Every line waiting; when none is, the first to arrive within `timeout` s (and any after it)."""
+        out = []
+        if self.lines.empty() and timeout > 0:
+            try:
+                out.append(await asyncio.wait_for(self.lines.get(), timeout))
+            except asyncio.TimeoutError:
+                return []
+        while not self.lines.empty():
+            out.append(self.lines.get_nowait())
+        return out
+
+    def _event(self, tag: str) -> asyncio.Event:
+        return self.ready.setdefault(tag, asyncio.Event())
+
+    def post(self, tag: str, value: list) -> None:
+        """`value`: [an ObjectRef, or None when the run stopped before training] (in a list, so that
+        the reference is passed on, not resolved here)."""
+        self.posted[tag] = value
+        self._event(tag).set()
+
+    async def fetch(self, tag: str) -> list:
+        await self._event(tag).wait()
+        return self.posted[tag]
+
+    def forget(self, tag: str) -> None:
+        self.posted.pop(tag, None)
+        self.ready.pop(tag, None)
+
+    def ping(self) -> bool:
+        return True
+
+
+_IDLE: dict[tuple[str, str], ray.actor.ActorHandle] = {}  # (job, node) → a channel no run is using
 _LOCK = threading.Lock()
 
 
@@ -27,25 +78,25 @@ def _key() -> tuple[str, str]:
     return ctx.get_job_id(), ctx.get_node_id()  # a new Ray session (after ray.shutdown) has a new job
 
 
-def _acquire() -> Queue:
-    """This driver's idle queue, or a new one (the first run, or another run still holds the idle one)."""
+def _acquire() -> ray.actor.ActorHandle:
+    """This driver's idle channel, or a new one (the first run, or another run still holds the idle one)."""
     with _LOCK:
-        queue = _IDLE.pop(_key(), None)
-    if queue is not None:
+        actor = _IDLE.pop(_key(), None)
+    if actor is not None:
         try:
-            queue.empty()  # one call: is the actor still there?
-            return queue
+            ray.get(actor.ping.remote())  # is the actor still there?
+            return actor
         except RayError:
             pass
-    # num_cpus=0: the queue actor also fits inside a Tune trial's placement group. It lives on the
-    # driver's node: losing a worker's node must not take the progress channel with it.
+    # num_cpus=0: the actor also fits inside a Tune trial's placement group. It lives on the driver's
+    # node: losing a worker's node must not take the progress channel with it.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return Queue(maxsize=10_000, actor_options={"num_cpus": 0, "scheduling_strategy": here})
+    return ray.remote(Channel).options(num_cpus=0, scheduling_strategy=here).remote()
 
 
-def _release(queue: Queue) -> None:
+def _release(actor: ray.actor.ActorHandle) -> None:
     with _LOCK:
-        _IDLE.setdefault(_key(), queue)
+        _IDLE.setdefault(_key(), actor)
 
 
 class Progress:
@@ -55,10 +106,10 @@ class Progress:
     `channel` (the queue and this run's tag, for `sender`).
     """
 
-    def __init__(self, total: int, shown: tuple[tuple[str, str], ...], stream=sys.stderr):
-        self.queue, self.tag = _acquire(), uuid.uuid4().hex
-        self.channel = (self.queue, self.tag)
-        self.total, self.shown, self.stream = total, shown, stream
+    def __init__(self, total: int | None, shown: tuple[tuple[str, str], ...], stream=sys.stderr):
+        self.actor, self.tag = _acquire(), uuid.uuid4().hex
+        self.channel = (self.actor, self.tag)
+        self.total, self.shown, self.stream = total, shown, stream  # total: set before step 1 at the latest
         self.history: list[dict] = []
         self._stop = threading.Event()
         self._start = time.monotonic()
@@ -75,7 +126,18 @@ class Progress:
         self._thread.join(timeout=10)
         self._drain()
         if not self.lost:
-            _release(self.queue)
+            try:
+                self.actor.forget.remote(self.tag)
+            except RayError:
+                return
+            _release(self.actor)
+
+    def post(self, inputs: dict | None) -> ray.ObjectRef | None:
+        """Hand this run's workers `inputs` (None: the run stopped before training). Returns the
+        object reference, which the caller keeps until the run ends."""
+        ref = None if inputs is None else ray.put(inputs)
+        ray.get(self.actor.post.remote(self.tag, [ref]))
+        return ref
 
     def _pump(self) -> None:
         while not self._stop.is_set():
@@ -85,18 +147,17 @@ class Progress:
         if self.lost:
             return
         try:
-            while True:
-                item = self.queue.get(timeout=timeout) if timeout else self.queue.get_nowait()
-                if item.pop("_run", None) != self.tag:  # a late line of an earlier run on this queue
-                    continue
-                self.history.append(item)
-                self.show(item)
-        except Empty:
-            return
+            items = ray.get(self.actor.take.remote(timeout))
         except RayError as e:  # progress is a view: the run goes on, its records are in MLflow
             self.lost = True
-            print(f"progress lines stopped (queue lost: {type(e).__name__}); the run goes on",
+            print(f"progress lines stopped (channel lost: {type(e).__name__}); the run goes on",
                   file=self.stream or sys.stderr, flush=True)  # fmt: skip
+            return
+        for item in items:
+            if item.pop("_run", None) != self.tag:  # a late line of an earlier run on this channel
+                continue
+            self.history.append(item)
+            self.show(item)
 
     def show(self, m: dict) -> None:
         if self.stream is None:
@@ -108,18 +169,28 @@ class Progress:
         rate = (time.monotonic() - self._start) / done if done else 0.0
         extra = "".join(f"  {label} {m[k]:.3f}" for label, k in self.shown if k in m)
         speed = f"  {m['pairs_per_second']:.1f} pairs/s" if "pairs_per_second" in m else ""
-        eta = rate * (self.total - step)
-        print(f"step {step}/{self.total}{extra}{speed}  ETA {eta:.0f}s", file=self.stream, flush=True)
+        of, eta = (f"/{self.total}", f"  ETA {rate * (self.total - step):.0f}s") if self.total else ("", "")
+        print(f"step {step}{of}{extra}{speed}{eta}", file=self.stream, flush=True)
 
 
-def sender(channel: tuple[Queue, str]):
-    """Rank 0's side of `Progress.channel`: best effort, a full or lost queue never stops training."""
-    queue, tag = channel
+def sender(channel: tuple[ray.actor.ActorHandle, str]):
+    """Rank 0's side of `Progress.channel`: best effort (a full or lost channel never stops
+    training); each line waits for the actor to take it, so a run's last line is there before the
+    run ends."""
+    actor, tag = channel
 
     def put(item: dict) -> None:
         try:
-            queue.put_nowait({**item, "_run": tag})
-        except (Full, RayError):
+            ray.get(actor.put.remote({**item, "_run": tag}))
+        except RayError:
             pass
 
     return put
+
+
+def fetch(channel: tuple[ray.actor.ActorHandle, str]) -> dict | None:
+    """A worker's side of `Progress.post`: waits for the run's inputs; None when the run stopped
+    before training."""
+    actor, tag = channel
+    (ref,) = ray.get(actor.fetch.remote(tag))
+    return None if ref is None else ray.get(ref)

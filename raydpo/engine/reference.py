@@ -182,9 +182,12 @@ def count_tokens(ds) -> int:
     return total
 
 
-def attach(cfg: RunConfig, datasets: dict, log, stream: bool = False) -> tuple[dict, str]:
+def attach(
+    cfg: RunConfig, datasets: dict, log, stream: bool = False, workers: int | None = None
+) -> tuple[dict, str]:
     """`datasets` ({"train": Dataset, "eval": Dataset?}) with the reference columns, read from the
     cache (computed first if missing), materialized or (`stream`) as a stream over the parquet files.
+    `workers`: scoring actors, 0 for this process (default: `scoring_workers`).
     Returns them and "computed <key>" or "reused <key>"."""
     root = cache_dir(cfg)
     key = root.name
@@ -193,7 +196,7 @@ def attach(cfg: RunConfig, datasets: dict, log, stream: bool = False) -> tuple[d
         outcome = "computed"
         tmp = root.with_name(f"{key}.tmp-{time.time_ns()}")
         t0 = time.monotonic()
-        workers = scoring_workers(cfg, datasets, stream)
+        workers = scoring_workers(cfg, datasets, stream) if workers is None else workers
         run_config = cfg.model_dump(mode="json")
         if workers == 0:
             scorer = ScoreReference(run_config)

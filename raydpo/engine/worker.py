@@ -6,7 +6,8 @@ same B·W pairs whatever W is: 2 workers × batch 4 follow the curve of 1 worker
 run (`data.streaming`, `split_data`) instead gets its own equal shard from Ray Train
 (`streaming_split`): every pair is read once per epoch, by one worker, and the curves of 1 × 8 and
 2 × 4 agree in distribution, not step for step.
-Ray Train touchpoints: get_context, get_dataset_shard, get_checkpoint, report.
+Ray Train touchpoints: get_context, get_dataset_shard (split only; otherwise the iterators come in the
+loop config, launch.worker_data), get_checkpoint, report.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ from pathlib import Path
 
 import ray.train
 import torch
+from ray.data import DataContext
 
 from raydpo.config import RunConfig
 from raydpo.data.tokenize import Layout, TokenizedPair, collate_batch
 from raydpo.engine import distributed as dist_utils
 from raydpo.engine.checkpointing import usable
 from raydpo.engine.loop import Trainer, WorkerContext
-from raydpo.engine.progress import sender
+from raydpo.engine.progress import fetch, sender
 from raydpo.engine.reference import COLUMNS as REF_COLUMNS
 from raydpo.engine.session import take_cpu_back
 from raydpo.engine.sources import (
@@ -140,6 +142,13 @@ def train_loop_per_worker(config: dict) -> None:
     handles (launch.fit)."""
     take_cpu_back()  # a local Ray runs under SCHED_BATCH (engine.session.ray_below_training)
     config = ray.get(config["ref"])
+    if config.get("inputs_later"):  # the driver prepared the data while Ray Train started (launch.run)
+        inputs = fetch(config["progress"])
+        if inputs is None:  # the driver stopped before training; it raises its own error
+            return
+        config = {**config, **inputs}
+    if config.get("data_context") is not None:  # what Ray Train's DatasetsCallback would propagate
+        DataContext._set_current(config["data_context"])
     cfg, method = RunConfig.model_validate(config["run_config"]), config["method"]
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker or 1)))  # as many as Ray reserved
     rtx = ray.train.get_context()
@@ -151,9 +160,10 @@ def train_loop_per_worker(config: dict) -> None:
                                 cfg.train.seed, rank, world), None  # fmt: skip
         t = cfg.train
         r, w = (0, 1) if config.get("split_data") else (rank, world)  # a split shard is this worker's alone
+        shards = config.get("shards")  # not split: the whole dataset's iterators (launch.worker_data)
+        shard = lambda name: shards[name] if shards is not None else ray.train.get_dataset_shard(name)  # noqa: E731
         make = lambda name, group, parts: ShardSource(  # noqa: E731
-            ray.train.get_dataset_shard(name), t.batch_size, t.seed, r, w, config["pad_id"], layout, device,
-            group, parts,
+            shard(name), t.batch_size, t.seed, r, w, config["pad_id"], layout, device, group, parts,
         )  # fmt: skip
         train = make("train", t.group_by_length, t.grad_accum_steps)
         return train, (make("eval", False, 1) if config["has_eval"] else None)
