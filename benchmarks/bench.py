@@ -539,6 +539,17 @@ def run_raydpo(
     }
 
 
+def tokens_per_step_note(res: dict) -> str:
+    """Why raydpo's tokens per step differ from TRL's: with prefix sharing a pair's prompt is one
+    sequence's, counted once (TRL runs it twice)."""
+    eng = res["engines"]
+    ours, theirs = (eng.get(e, {}).get("tokens_per_step") for e in ("raydpo", res["trl_variant"]))
+    if ours is None or theirs is None:
+        return "DIFFER"
+    return (f"raydpo {ours:.0f} vs TRL {theirs:.0f} (raydpo counts a pair's prompt once where it shares "
+            "it, train.prefix_sharing; TRL twice)")  # fmt: skip
+
+
 def covered(starts: dict, seconds: dict) -> float:
     """Seconds inside at least one timed phase (phases may overlap)."""
     total, reach = 0.0, float("-inf")
@@ -1020,8 +1031,8 @@ def format_report(result: dict) -> str:
                 f"{_num(c['loss_trl'], '{:.6f}')}: {'agree' if c['loss_agree'] else 'DIFFER'} within "
                 f"{STEP1_TOLERANCE:g}; step-1 logps/chosen {_num(c['logps_chosen_raydpo'], '{:.4f}')} vs "
                 f"{_num(c['logps_chosen_trl'], '{:.4f}')}: "
-                f"{'agree' if c['logps_chosen_agree'] else 'DIFFER'}; "
-                f"tokens per step {'equal' if c['tokens_per_step_agree'] else 'DIFFER'}"
+                f"{'agree' if c['logps_chosen_agree'] else 'DIFFER'}; tokens per step "
+                + ("equal" if c["tokens_per_step_agree"] else tokens_per_step_note(res))
             )
         p = res["raydpo_phases_s"]
         if p:

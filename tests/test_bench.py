@@ -155,6 +155,18 @@ def test_a_fake_result_matches_the_schema_through_json():
     assert "trl+precompute*" in text and f"{bench.NO_RAY} (diag.)" in text and "step-1 loss" in text
 
 
+def test_phases_that_overlap_count_once_and_unequal_tokens_per_step_are_explained():
+    # Ray start 1-3 s; fit 3-10 s with the data stage (3-4 s) and the scoring (4-6 s) inside it
+    starts = {"start_ray": 1.0, "fit": 3.0, "build_datasets": 3.0, "attach_reference": 4.0}
+    seconds = {"start_ray": 2.0, "fit": 7.0, "build_datasets": 1.0, "attach_reference": 2.0}
+    assert bench.covered(starts, seconds) == pytest.approx(9.0)
+    assert bench.covered({"a": 0.0, "b": 5.0}, {"a": 2.0, "b": 1.0}) == pytest.approx(3.0)  # a gap
+    res = {"engines": {"raydpo": {"tokens_per_step": 1518.4}, "trl": {"tokens_per_step": 2571.2}},
+           "trl_variant": "trl"}  # fmt: skip
+    assert bench.tokens_per_step_note(res).startswith("raydpo 1518 vs TRL 2571 (")
+    assert bench.tokens_per_step_note({**res, "trl_variant": "trl+precompute"}) == "DIFFER"
+
+
 def test_a_result_without_trl_still_matches_the_schema():
     result = json.loads(json.dumps(_fake_result(with_trl=False)))
     assert bench.schema_problems(result) == []
