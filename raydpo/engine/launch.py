@@ -226,12 +226,12 @@ def run(
     values as tags, a readable MLflow run name (`label`), and Tune's report callback.
     Returns {run_dir, final_model, history, mlflow_run_id, total_steps}.
 
-    A run whose workers each read the whole dataset it prepares itself (not streamed, not a sweep's)
-    starts Ray Train first and prepares its inputs meanwhile (`prepare_inputs`): Ray Train's
-    controller and workers start, import torch and the model code while this process validates,
-    tokenizes and scores the data; the workers then fetch the inputs from the progress channel
-    (`Progress.post`, `engine.worker`). A bad input stops the workers before training and is raised
-    here as it would be without the overlap.
+    On a local Ray, a run whose workers each read the whole dataset it prepares itself (not
+    streamed, not a sweep's) starts Ray Train as soon as the rest of `prepare_inputs` runs in this
+    process: Ray Train's controller and workers start, import torch and the model code while this
+    process validates, tokenizes and scores the data; the workers then fetch the inputs from the
+    progress channel (`Progress.post`, `engine.worker`). A bad input stops the workers before
+    training and is raised here as it would be without the overlap.
     """
     cfg = resolve_scaling(resolve_paths(cfg, log))
     if method.check:
@@ -251,7 +251,7 @@ def run(
         "tracking_uri": tracking_uri(cfg.tracking),
     }  # fmt: skip
     # Only on a Ray this process started, whose one spare CPU slot (`start_ray`) is all that the
-    # driver's own data stage needs while Ray Train holds the rest; an actor stage starts nothing early.
+    # driver's own data work needs while Ray Train holds the rest (`prepare_inputs` calls `begin`).
     overlap = not prompts_only and prepared is None and not streams(cfg) and not os.environ.get("RAY_ADDRESS")
     with Progress(None, method.progress, stream) as progress:
         loop_config["progress"] = progress.channel
