@@ -103,7 +103,7 @@ class Progress:
     """`step 12/40  loss 0.512  acc 0.750  …  10.2 pairs/s  ETA 31s`, one line per logged step.
 
     `shown` lists (label, metric) pairs, the method's choice (Method.progress). Rank 0 sends on
-    `channel` (the queue and this run's tag, for `sender`).
+    `channel` (the channel actor and this run's tag, for `sender` and `fetch`).
     """
 
     def __init__(self, total: int | None, shown: tuple[tuple[str, str], ...], stream=sys.stderr):

@@ -168,7 +168,7 @@ def train_loop_per_worker(config: dict) -> None:
         train = make("train", t.group_by_length, t.grad_accum_steps)
         return train, (make("eval", False, 1) if config["has_eval"] else None)
 
-    channel = config.get("progress")  # (queue, run tag): engine.progress.Progress.channel
+    channel = config.get("progress")  # (channel actor, run tag): engine.progress.Progress.channel
     spool = Path(cfg.run_dir) / "mlflow-spool.jsonl"  # on the run's disk: survives restarts of this worker
     logger = RunLogger(config["tracking_uri"], config["mlflow_run_id"], spool) if rank == 0 else None
     if logger:
