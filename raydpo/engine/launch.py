@@ -33,7 +33,7 @@ from raydpo.engine.method import Method
 from raydpo.engine.progress import Progress
 from raydpo.engine.reference import COLUMNS as REF_COLUMNS
 from raydpo.engine.reference import attach as attach_reference
-from raydpo.engine.session import start_ray
+from raydpo.engine.session import local_ray, start_ray
 from raydpo.engine.storage import check_storage, is_uri, join, upload_dir
 from raydpo.engine.worker import train_loop_per_worker
 from raydpo.errors import UserError
@@ -108,7 +108,7 @@ def resolve_scaling(cfg: RunConfig) -> RunConfig:
     machine's CPUs (all of them for one worker: torch then uses every core), on a cluster 1."""
     if cfg.scaling.cpus_per_worker is not None:
         return cfg
-    local = not os.environ.get("RAY_ADDRESS")
+    local = local_ray()
     cpus = max(1, (os.cpu_count() or 1) // cfg.scaling.num_workers) if local else 1
     return cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"cpus_per_worker": float(cpus)})})
 
@@ -252,7 +252,7 @@ def run(
     }  # fmt: skip
     # Only on a Ray this process started, whose one spare CPU slot (`start_ray`) is all that the
     # driver's own data work needs while Ray Train holds the rest (`prepare_inputs` calls `begin`).
-    overlap = not prompts_only and prepared is None and not streams(cfg) and not os.environ.get("RAY_ADDRESS")
+    overlap = not prompts_only and prepared is None and not streams(cfg) and local_ray()
     with Progress(None, method.progress, stream) as progress:
         loop_config["progress"] = progress.channel
         started: list[Background] = []
@@ -509,7 +509,7 @@ def fit(cfg: RunConfig, loop_config: dict, datasets: dict, callbacks=None):
     data_config = ray.train.DataConfig(
         datasets_to_split="all" if split else [], execution_options=ExecutionOptions(preserve_order=True)
     )
-    leave_out: tuple[type, ...] = () if os.environ.get("RAY_ADDRESS") else (PlacementGroupCleanerCallback,)
+    leave_out: tuple[type, ...] = (PlacementGroupCleanerCallback,) if local_ray() else ()
     if not split:
         loop_config = {**worker_data(datasets), **loop_config}  # `inputs_later`: the workers fetch them
         datasets, leave_out = {}, (*leave_out, DatasetsCallback)

@@ -154,6 +154,12 @@ def stop_ray() -> None:
 _stop_at_exit = False  # stop_ray registered with atexit (once per process)
 
 
+def local_ray() -> bool:
+    """Whether a run here uses a Ray on this machine that `start_ray` starts (no RAY_ADDRESS), not a
+    cluster's: its CPUs are this machine's, and what it runs ends with it."""
+    return not os.environ.get("RAY_ADDRESS")
+
+
 def start_ray(min_cpus: float = 0) -> None:
     """Join RAY_ADDRESS, or start a local Ray on 127.0.0.1 with at least `min_cpus` logical CPUs
     (more slots than cores is fine: workers, data actors and controllers mostly take turns)."""
