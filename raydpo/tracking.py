@@ -93,7 +93,38 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         raise UserError(f"MLflow tracking server {redact(uri)} is not reachable: {reason}") from None
 
 
+_OPENING: dict[str, threading.Thread] = {}  # tracking URI -> the thread opening its store (open_store)
+
+
+def open_store(uri: str) -> None:
+    """Import MLflow and open the store at `uri` in a background thread, so that it is ready when the
+    run's records are written: a run's driver calls this before it starts Ray, which leaves the CPU
+    mostly idle while its processes come up, and importing MLflow and opening a store (a new SQLite
+    store also creates its tables) takes about 2 s of CPU on this project's 2-core machine. MLflow
+    keeps one store per URI; `_client` waits for this thread. An error here is left for the first
+    client to raise (the same error, from the thread that uses it)."""
+    if uri in _OPENING:
+        return
+
+    def open_quietly() -> None:
+        try:
+            _new_client(uri)
+        except Exception:  # raised again, where it is reported, by the first `_client(uri)`
+            pass
+
+    _OPENING[uri] = threading.Thread(target=open_quietly, daemon=True, name="raydpo-open-store")
+    _OPENING[uri].start()
+
+
 def _client(uri: str) -> MlflowClient:
+    """A client of `uri` (once `open_store(uri)`, if called, has finished)."""
+    opening = _OPENING.get(uri)
+    if opening is not None:
+        opening.join()
+    return _new_client(uri)
+
+
+def _new_client(uri: str) -> MlflowClient:
     """A client of `uri`; credentials in an HTTP URI go to MLflow's own variables (unless set), so
     MLflow's error messages, which quote the URL, never carry them."""
     from mlflow.tracking import MlflowClient
@@ -268,15 +299,24 @@ class RunLogger:
 
     def __init__(self, uri: str, run_id: str | None, spool: Path | None = None):
         self.uri, self.run_id = uri, run_id
-        self.client = _client(uri) if run_id else None
+        self._client: MlflowClient | None = None
         self._sampler: _SystemMetrics | None = None
         self.spool = MetricSpool(uri, run_id, spool) if run_id and spool else None
 
+    @property
+    def client(self) -> MlflowClient | None:
+        """This run's client, made on first use (None without a run). Rank 0 of a training run logs
+        only through its spool and sampler, whose threads make their own: importing MLflow (about 1 s
+        of CPU) then never delays its first step."""
+        if self._client is None and self.run_id:
+            self._client = _client(self.uri)
+        return self._client
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if not self.client:
-            return
         if self.spool:
             self.spool.put(metrics, step)
+            return
+        if not self.client:
             return
         from mlflow.entities import Metric
 
@@ -346,7 +386,7 @@ class RunLogger:
     def start_system_metrics(self, interval_s: float | None) -> None:
         """Sample this process's and its machine's CPU and memory every `interval_s` seconds into
         system/* metrics (and once more at `finish`); None or 0 = off."""
-        if self.client and interval_s:
+        if self.run_id and interval_s:
             self._sampler = _SystemMetrics(self.uri, self.run_id, interval_s)
 
     def finish(self, status: str = "FINISHED") -> None:
@@ -391,7 +431,8 @@ class MetricSpool:
     """
 
     def __init__(self, uri: str, run_id: str, path: Path, batch: int = 500):
-        self.client, self.run_id, self.path, self.batch = _client(uri), run_id, Path(path), batch
+        self.uri, self.run_id, self.path, self.batch = uri, run_id, Path(path), batch
+        self.client: MlflowClient | None = None  # made by the sending thread (RunLogger.client)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.touch()
         self._offset, self._through, self._lock, self._deadline = 0, None, threading.Lock(), 0.0
@@ -426,6 +467,8 @@ class MetricSpool:
 
     def _send(self) -> bool:
         """Send what is pending; True when nothing is left."""
+        if self.client is None:
+            self.client = _client(self.uri)
         from mlflow.entities import Metric, RunTag
 
         if self._through is None:
@@ -451,9 +494,9 @@ class MetricSpool:
         return True
 
     def _run(self) -> None:
+        self._wake.wait()  # the first send (and MLflow's import) waits for a line or `close`, not setup
         delay = 1.0
         while True:
-            self._wake.wait(timeout=delay)
             self._wake.clear()
             try:
                 self._send()
@@ -465,6 +508,7 @@ class MetricSpool:
                 )
             if self._stop.is_set() and (self.unsent_error is None or self._deadline < time.monotonic()):
                 return
+            self._wake.wait(timeout=delay)
 
     def close(self, timeout_s: float = 60.0, quiet: bool = False) -> int:
         """Send what is spooled (waiting up to `timeout_s` for the store) and stop. Returns the number of
@@ -487,7 +531,8 @@ class _SystemMetrics:
     own MLflow client (it runs beside the training loop's)."""
 
     def __init__(self, uri: str, run_id: str, interval_s: float):
-        self.client, self.run_id, self.interval = _client(uri), run_id, interval_s
+        self.uri, self.run_id, self.interval = uri, run_id, interval_s
+        self.client: MlflowClient | None = None  # made at the first sample, in the sampling thread
         self.proc, self.step = psutil.Process(), 0
         self._stop = threading.Event()
         psutil.cpu_percent(None)  # the first call only starts the measurement interval
@@ -495,6 +540,8 @@ class _SystemMetrics:
         self._thread.start()
 
     def _sample(self) -> None:
+        if self.client is None:
+            self.client = _client(self.uri)
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)

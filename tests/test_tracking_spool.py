@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -116,3 +117,60 @@ def test_a_torn_spool_line_is_skipped_and_the_rest_is_sent(tmp_path):
         (1, 0.5),
         (3, 0.3),
     ]
+
+
+def test_rank_zero_makes_its_mlflow_clients_in_background_threads(tmp_path, monkeypatch):
+    """A training worker's rank 0 builds its RunLogger (spool and system metrics) without making an MLflow
+    client in its own thread: the import and the store's opening never delay the first step."""
+    from raydpo import tracking
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("lazy")).info.run_id
+    made_in, new_client = [], tracking._new_client
+
+    def recorded(u):
+        made_in.append(threading.current_thread())
+        return new_client(u)
+
+    monkeypatch.setattr(tracking, "_new_client", recorded)
+    logger = tracking.RunLogger(uri, run_id, tmp_path / "spool.jsonl")
+    logger.start_system_metrics(0.05)
+    logger.log_metrics({"loss": 0.5}, 1)
+    assert wait_for(lambda: len(made_in) >= 2, 30)  # the spool's sender and the sampler, each its own
+    assert threading.current_thread() not in made_in
+    logger.close()
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(1, 0.5)]
+    assert client.get_metric_history(run_id, "system/process_rss_megabytes")
+    assert logger._client is None  # nothing this thread logged needed one
+
+
+def test_open_store_runs_ahead_and_clients_wait_for_it(tmp_path, monkeypatch):
+    """`open_store` opens the store in a thread (the driver calls it while Ray starts); a client asked for
+    meanwhile waits for it, and an error there is raised by the first client, not lost."""
+    from raydpo import tracking
+
+    monkeypatch.setattr(tracking, "_OPENING", {})
+    events, new_client = [], tracking._new_client
+
+    def slow(u):
+        events.append(("start", threading.current_thread().name))
+        time.sleep(0.5)
+        events.append(("end", threading.current_thread().name))
+        return new_client(u)
+
+    monkeypatch.setattr(tracking, "_new_client", slow)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    tracking.open_store(uri)
+    tracking.open_store(uri)  # once per URI
+    assert tracking._client(uri).search_experiments()
+    assert events[:2] == [("start", "raydpo-open-store"), ("end", "raydpo-open-store")]
+    assert events[2:] == [("start", "MainThread"), ("end", "MainThread")]
+
+    def broken(u):
+        raise RuntimeError(f"cannot open {u}")
+
+    monkeypatch.setattr(tracking, "_new_client", broken)
+    tracking.open_store("sqlite:///elsewhere.db")  # no exception here...
+    with pytest.raises(RuntimeError, match="cannot open sqlite:///elsewhere.db"):
+        tracking._client("sqlite:///elsewhere.db")  # ...but here

@@ -44,6 +44,7 @@ from raydpo.tracking import (
     absolute_uri,
     check_reachable,
     drain_spool,
+    open_store,
     start_or_resume_run,
     tracking_uri,
     ui_hint,
@@ -245,6 +246,8 @@ def run(
         log(f"{cfg.run_name} already finished ({record['total_steps']} steps): {record['final_model']}")
         return {"run_dir": str(cfg.run_dir), "history": [], "already_finished": True, **record}
     tidy_run_dir(cfg.run_dir, log)
+    if cfg.tracking.enabled:
+        open_store(tracking_uri(cfg.tracking))  # in the background while Ray starts
     start_ray(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1)
     loop_config: dict = {
         "method": method, "pad_id": pad_token_id(tokenizer), "run_config": cfg.model_dump(mode="json"),
