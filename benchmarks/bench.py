@@ -5,8 +5,11 @@ One run of this module, on one machine, side by side:
 1. Preference pairs in two shapes, from a fixed seed (`make_pairs`): "long" (prompts of 96–160 words,
    responses of 16–40) and "short" (prompts of 8–24 words, responses of 48–96). Words are made-up
    syllable words, so the text has no meaning; only its lengths matter here.
-2. ONE random-init Llama-style model (4 layers, hidden 256, a ~4k byte-level BPE vocabulary trained on
-   the generated text with `models.tiny.build_tokenizer`), saved to a temp dir; every run starts from it.
+2. ONE random-init model (`--model tiny`: Llama-style, 4 layers, hidden 256; `--model 0.5b`: Qwen2.5-0.5B's
+   transformer body), on a ~4k byte-level BPE vocabulary trained on the generated text with
+   `models.tiny.build_tokenizer`, saved to a temp dir; every run starts from it. `--device cuda` runs
+   both engines on the GPU (bf16 autocast and SDPA by default, `--precision`), MFU against a bf16
+   matmul peak measured in the same run, and GPU memory from torch's allocator.
 3. A warm-up (one 2-step run of raydpo and of TRL, not reported; `--quick`: one Ray start and the
    TRL imports only, to fill the page cache), then rounds that alternate the engines (ABBA order
    across rounds): (a) raydpo — `raydpo.methods.train` on a `RunConfig`, the code
@@ -56,7 +59,18 @@ SHAPES: dict[str, dict[str, tuple[int, int]]] = {
     "long": {"prompt_words": (96, 160), "response_words": (16, 40)},
     "short": {"prompt_words": (8, 24), "response_words": (48, 96)},
 }
-MODEL = {"arch": "llama", "layers": 4, "hidden": 256, "heads": 4, "vocab_size": 4096}
+# `--model`: the bench's random-init models, on its own ~4k tokenizer. "0.5b": Qwen2.5-0.5B's transformer
+# body (24 layers, hidden 896, 14 heads, 2 KV heads, MLP 4864, tied embeddings), so the same matmul work
+# per token (~358M parameters in matmuls); its 151,936-token vocabulary would add 136M in the embedding
+# and LM head, which a 4k vocabulary leaves out.
+MODELS = {
+    "tiny": {"arch": "llama", "layers": 4, "hidden": 256, "heads": 4, "vocab_size": 4096},
+    "0.5b": {"arch": "qwen2", "layers": 24, "hidden": 896, "heads": 14, "kv_heads": 2, "intermediate": 4864,
+             "tie": True, "vocab_size": 4096},
+}  # fmt: skip
+MODEL = MODELS["tiny"]
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")
 TOKENIZER_CORPUS_PAIRS = 256  # pairs per shape the tokenizer is trained on (fixed: one model for any --shape)
 MAX_LENGTH = 512  # the tiny model's positions; every generated pair fits (checked), so nothing is truncated
 MAX_PROMPT_LENGTH = 448
@@ -71,6 +85,10 @@ TRL_VARIANTS = {"trl": False, "trl+precompute": True}  # name → precompute_ref
 # less than two micro-batches of 4. They cost no step time since the reference scores each batch in one
 # pass ahead of them and each is cut from the batch's pairs sorted by width (README "Throughput").
 RAYDPO_DEFAULTS = ("train.prefix_sharing=true", "train.grad_accum_steps=4", "train.precompute_reference=true")
+# On a GPU the reference stays in the step: `train.precompute_reference` scores on CPUs, in float32
+# (engine/reference.py), which for a 0.5B model would take minutes, and beside a bf16 policy it would
+# move step 1's loss off ln 2 by the policy's rounding (1.5e-4 on the tiny model in bf16 on a CPU).
+GPU_RAYDPO_DEFAULTS = (*RAYDPO_DEFAULTS[:2], "train.precompute_reference=false")
 NO_RAY = "raydpo-noray"  # diagnostic: raydpo's loop in this process without Ray (not in the ratios)
 ENGINES = ("raydpo", NO_RAY, *TRL_VARIANTS)
 
@@ -91,6 +109,10 @@ class Settings:
     optimizer: str = "adamw (betas 0.9/0.999, eps 1e-8, weight decay 0), constant lr, clip 1.0"
     raydpo_overrides: list[str] = field(default_factory=list)  # RAYDPO_DEFAULTS and `--set`: raydpo's only
     extra: dict = field(default_factory=dict)
+    model: str = "tiny"  # MODELS
+    device: str = "cpu"  # cpu, or cuda: one GPU for raydpo's one worker and for TRL's process
+    precision: str = "fp32"  # bf16: autocast in both (raydpo's scaling.precision, TRL's bf16), fp32 weights
+    attn_implementation: str | None = None  # both engines' attention (None: transformers' default)
 
 
 class BenchError(UserError):
@@ -106,9 +128,26 @@ def resolve_settings(
     rounds: int | None = None,
     seed: int = 0,
     overrides: list[str] | tuple = (),
+    model: str = "tiny",
+    device: str = "cpu",
+    precision: str | None = None,
 ) -> Settings:
     """Defaults: 24 steps of 8 pairs (192 pairs), both shapes, 2 rounds, the first 4 steps not counted.
-    `quick`: 8 steps, the short shape, 1 round, 2 steps not counted."""
+    `quick`: 8 steps, the short shape, 1 round, 2 steps not counted. `device` auto: cuda where torch
+    sees a GPU; on cuda the default precision is bf16 with SDPA attention, on cpu fp32."""
+    if model not in MODELS:
+        raise BenchError(f"--model {model!r}: allowed {', '.join(MODELS)}")
+    if device not in DEVICES:
+        raise BenchError(f"--device {device!r}: allowed {', '.join(DEVICES)}")
+    if precision is not None and precision not in PRECISIONS:
+        raise BenchError(f"--precision {precision!r}: allowed {', '.join(PRECISIONS)}")
+    if device != "cpu":
+        import torch
+
+        if device == "cuda" and not torch.cuda.is_available():
+            raise BenchError("--device cuda: torch sees no GPU here (torch.cuda.is_available() is False)")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = precision or ("bf16" if device == "cuda" else "fp32")
     shape = shape or ("short" if quick else "both")
     if shape not in (*SHAPES, "both"):
         raise BenchError(f"--shape {shape!r}: allowed long, short, both")
@@ -124,7 +163,8 @@ def resolve_settings(
         if not text.split("=", 1)[0].startswith("train."):
             raise BenchError(f"--set {text}: only train.* settings apply (e.g. train.prefix_sharing=true)")
     given = {text.split("=", 1)[0] for text in overrides}
-    overrides = [d for d in RAYDPO_DEFAULTS if d.split("=", 1)[0] not in given] + list(overrides)
+    defaults = GPU_RAYDPO_DEFAULTS if device == "cuda" else RAYDPO_DEFAULTS
+    overrides = [d for d in defaults if d.split("=", 1)[0] not in given] + list(overrides)
     if overrides:
         from raydpo.config import build_config
 
@@ -139,6 +179,10 @@ def resolve_settings(
         quick=quick,
         seed=seed,
         raydpo_overrides=list(overrides),
+        model=model,
+        device=device,
+        precision=precision,
+        attn_implementation="sdpa" if device == "cuda" else None,
     )
 
 
@@ -236,6 +280,7 @@ RATIO_KEYS = (
     "wall_s",
     "first_step_s",
     "peak_rss_train_mb",
+    "peak_gpu_train_mb",
 )
 
 
@@ -333,9 +378,12 @@ def classify_ray(cmdline: str) -> str:
 # ----------------------------------------------------------------------------------- the model
 
 
-def build_bench_model(root: Path, seed: int = 0) -> dict:
-    """Tokenizer (trained on both shapes' text) + random-init Llama, saved to `root`; returns its facts."""
+def build_bench_model(root: Path, seed: int = 0, size: str = "tiny") -> dict:
+    """Tokenizer (trained on both shapes' text) + the random-init model `MODELS[size]`, saved to `root`;
+    returns its facts."""
     from raydpo.models.tiny import build_model, build_tokenizer
+
+    spec = MODELS[size]
 
     corpus = [
         p[k]
@@ -343,15 +391,9 @@ def build_bench_model(root: Path, seed: int = 0) -> dict:
         for p in make_pairs(s, TOKENIZER_CORPUS_PAIRS, seed)
         for k in ("prompt", "chosen", "rejected")
     ]
-    tok = build_tokenizer("llama", corpus=corpus, vocab_size=MODEL["vocab_size"])
-    model = build_model(
-        tok,
-        arch=MODEL["arch"],
-        hidden=MODEL["hidden"],
-        layers=MODEL["layers"],
-        heads=MODEL["heads"],
-        seed=seed,
-    )
+    tok = build_tokenizer("llama", corpus=corpus, vocab_size=spec["vocab_size"])
+    shape = {k: v for k, v in spec.items() if k not in ("arch", "vocab_size")}
+    model = build_model(tok, arch=spec["arch"], seed=seed, **shape)
     root.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(root)
     model.save_pretrained(root)
@@ -359,7 +401,8 @@ def build_bench_model(root: Path, seed: int = 0) -> dict:
     embed = model.get_input_embeddings().weight.numel()
     return {
         "path": str(root),
-        **MODEL,
+        "name": size,
+        **spec,
         "vocab_size": len(tok),
         "params": total,
         "matmul_params": total - embed,
@@ -384,20 +427,27 @@ def pair_token_counts(pairs: list[dict], tokenizer) -> list[int]:
     return out
 
 
-def matmul_peak(n: int = 2048, reps: int = 8, threads: int | None = None) -> float:
-    """Best float32 `torch.mm` rate (FLOP/s) of `reps` n×n products with `threads` threads."""
+def matmul_peak(
+    n: int = 2048, reps: int = 8, threads: int | None = None, device: str = "cpu", precision: str = "fp32"
+) -> float:
+    """Best `torch.mm` rate (FLOP/s) of `reps` n×n products in `precision` (float32 or bfloat16) on
+    `device`, with `threads` threads on a CPU (a GPU's products are timed to its synchronization)."""
     import torch
 
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     old = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        a, b = torch.randn(n, n), torch.randn(n, n)
+        a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
         torch.mm(a, b)
+        sync()
         best = float("inf")
         for _ in range(reps):
             t = time.perf_counter()
             torch.mm(a, b)
+            sync()
             best = min(best, time.perf_counter() - t)
     finally:
         torch.set_num_threads(old)
@@ -459,7 +509,7 @@ def raydpo_config(
     return build_config(
         {
             "run_name": run_name,
-            "model": {"policy": model_dir},
+            "model": {"policy": model_dir, "attn_implementation": settings.attn_implementation},
             "data": {
                 "source": str(data_path),
                 "max_length": MAX_LENGTH,
@@ -475,6 +525,7 @@ def raydpo_config(
                 "output_dir": str(out_dir),
             },
             "tracking": {"enabled": False, "tracking_uri": f"sqlite:///{out_dir / 'mlflow.db'}"},
+            "scaling": {"use_gpu": settings.device == "cuda", "precision": settings.precision},
         },
         "bench",
         settings.raydpo_overrides,
@@ -514,6 +565,7 @@ def run_raydpo(
     ends = [clock.ends[k] - t0 for k in sorted(clock.ends)]
     first = history[0] if history else {}
     peaks = sampler.peaks_mb()
+    gpu = [h["gpu_memory_peak_mb"] for h in out["history"] if "gpu_memory_peak_mb" in h]
     phases = {f"{k}_s": v for k, v in seconds.items()}
     if "fit" in starts and ends:
         phases["fit_to_first_step_s"] = ends[0] - starts["fit"]
@@ -532,6 +584,7 @@ def run_raydpo(
         "step_end_s": ends,
         "step1": {"loss": first.get("loss"), "logps/chosen": first.get("logps/chosen")},
         "peak_rss_mb": {"train": peaks.get("train"), "ray_other": peaks.get("ray_other")},
+        "peak_gpu_mb": max(gpu) if gpu else None,  # rank 0's torch.cuda.max_memory_allocated
         "processes": {k: sorted(v) for k, v in sampler.names.items()},
         "phases_s": phases,
         "worker_cpus": cpus,
@@ -636,10 +689,17 @@ def trl_available() -> str | None:
 
 
 def trl_args(spec: dict):
-    """TRL's DPOConfig for this benchmark: the settings raydpo uses, data in file order."""
+    """TRL's DPOConfig for this benchmark (`trl_settings`)."""
     from trl import DPOConfig
 
-    return DPOConfig(
+    return DPOConfig(**trl_settings(spec))
+
+
+def trl_settings(spec: dict) -> dict:
+    """DPOConfig's arguments: the settings raydpo uses, data in file order; on `spec["device"]` cuda the
+    GPU, with bf16 autocast over float32 weights for `spec["precision"]` bf16 (TRL loads the model in
+    float32 unless told otherwise), as raydpo's `scaling.precision=bf16` does."""
+    return dict(
         output_dir=spec["output_dir"],
         per_device_train_batch_size=spec["batch_size"],
         max_steps=spec["steps"],
@@ -652,12 +712,15 @@ def trl_args(spec: dict):
         beta=spec["beta"],
         loss_type=[spec["loss"]],
         seed=spec["seed"],
-        use_cpu=True,
+        use_cpu=spec.get("device", "cpu") == "cpu",
         save_strategy="no",
         optim="adamw_torch",
         weight_decay=0.0,
-        bf16=False,
+        bf16=spec.get("precision") == "bf16",  # autocast, float32 weights: as raydpo's scaling.precision
         fp16=False,
+        model_init_kwargs={"attn_implementation": spec["attn_implementation"]}
+        if spec.get("attn_implementation")
+        else None,
         max_length=None,
         disable_dropout=True,
         train_sampling_strategy="sequential",
@@ -729,6 +792,7 @@ def trl_child(spec_path: str) -> None:
         "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "phases_s": {"init_s": t_init - t0, "train_s": t_train - t_init, "save_s": t0 + wall - t_train},
         "reference_forward_in_step": not spec["precompute"],
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
     }
     Path(spec["out"]).write_text(json.dumps(out))
 
@@ -751,6 +815,9 @@ def run_trl(
         "beta": settings.beta,
         "loss": settings.loss,
         "seed": settings.seed,
+        "device": settings.device,
+        "precision": settings.precision,
+        "attn_implementation": settings.attn_implementation,
     }
     spec_path = out_dir / "spec.json"
     spec_path.write_text(json.dumps(spec))
@@ -816,6 +883,7 @@ def summarize_engine(runs: list[dict], params: int, peak: float | None) -> dict:
         "first_step_s": median_of([r["first_step_s"] for r in runs]),
         "peak_rss_train_mb": median_of([r["peak_rss_mb"]["train"] for r in runs]),
         "peak_rss_ray_other_mb": median_of([r["peak_rss_mb"]["ray_other"] for r in runs]),
+        "peak_gpu_train_mb": median_of([r.get("peak_gpu_mb") for r in runs]),
         "step1_loss": runs[0]["step1"].get("loss"),
         "step1_logps_chosen": runs[0]["step1"].get("logps/chosen"),
         "tokens_per_step": statistics.mean(per_step) if per_step else None,
@@ -977,6 +1045,20 @@ def _ratio(v) -> str:
     return "-" if v is None else f"{v:.2f}x"
 
 
+def matmul_line(peak: dict, result: dict) -> str:
+    """The measured matmul peak that '% peak' (model FLOP/s utilization, MFU) is against."""
+    size, precision = peak.get("matmul_size", 2048), peak.get("precision", "fp32")
+    dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(precision, precision)
+    where = peak.get("device", "cpu")
+    head = f"{dtype} matmul (torch.mm {size}², best of 8) on {where}: "
+    if where != "cpu":
+        return head + f"{_num(fraction(peak['flops'], 1e12), '{:.1f}')} TFLOP/s; % peak is against it"
+    return head + (
+        f"{_num(fraction(peak.get('flops_all_threads'), 1e9))} GFLOP/s with {peak['threads']} threads, "
+        f"{peak['flops_1_thread'] / 1e9:.1f} with 1; % peak is against the higher"
+    )
+
+
 def format_report(result: dict) -> str:
     from raydpo.reporting import format_table
 
@@ -992,6 +1074,7 @@ def format_report(result: dict) -> str:
         "1st step s",
         "RSS MB train",
         "RSS MB Ray",
+        "GPU MB",
         "step-1 loss",
         "GFLOP/s",
         "% peak",
@@ -1012,6 +1095,7 @@ def format_report(result: dict) -> str:
                     _num(s["first_step_s"]),
                     _num(s["peak_rss_train_mb"], "{:.0f}"),
                     _num(s["peak_rss_ray_other_mb"], "{:.0f}"),
+                    _num(s.get("peak_gpu_train_mb"), "{:.0f}"),
                     _num(s["step1_loss"], "{:.6f}"),
                     _num(fraction(s["model_flops_per_s"], 1e9)),
                     _num(fraction(s["fraction_of_peak"], 0.01)),
@@ -1019,12 +1103,14 @@ def format_report(result: dict) -> str:
             )
         r, c = res["ratios"], res["step1"]
         if r:
+            gpu = r.get("peak_gpu_train_mb")
+            gpu_note = f", peak GPU memory {_ratio(gpu)}" if gpu else ""
             notes.append(
                 f"{shape}: raydpo / TRL ({res['trl_variant']}): pairs/s {_ratio(r['pairs_per_s'])} "
                 f"(median step {_ratio(r['pairs_per_s_median_step'])}), tokens/s "
                 f"{_ratio(r['tokens_per_s'])}, pairs/s (interval) {_ratio(r['pairs_per_s_interval'])}, wall "
                 f"{_ratio(r['wall_s'])}, time to first step {_ratio(r['first_step_s'])}, peak RSS "
-                f"{_ratio(r['peak_rss_train_mb'])}"
+                f"{_ratio(r['peak_rss_train_mb'])}" + gpu_note
             )
             notes.append(
                 f"{shape}: step-1 loss raydpo {_num(c['loss_raydpo'], '{:.6f}')} vs TRL "
@@ -1059,14 +1145,15 @@ def format_report(result: dict) -> str:
                 f"{o['ratio']:.2f}x"
             )
     table = format_table(cols, rows)
-    m = result["machine"]
+    m, st = result["machine"], result["settings"]
     lines = [
         table,
         "",
         *notes,
-        f"float32 matmul (torch.mm 2048², best of 8): {_num(fraction(peak.get('flops_all_threads'), 1e9))} "
-        f"GFLOP/s with {peak['threads']} threads, {peak['flops_1_thread'] / 1e9:.1f} "
-        "with 1; % peak is against the higher",
+        matmul_line(peak, result),
+        f"model: {result['model'].get('name', 'tiny')}, {result['model']['params'] / 1e6:.1f}M parameters; "
+        f"{st.get('device', 'cpu')}, {st.get('precision', 'fp32')}, attention "
+        f"{st.get('attn_implementation') or 'default'}",
         f"machine: {m['cpu_count']} CPUs, torch {m['torch']}, ray {m['ray']}, trl {m['trl'] or 'absent'}, "
         f"transformers {m['transformers']}; {result['settings']['steps']} steps x "
         f"{result['settings']['batch_size']}"
@@ -1175,12 +1262,17 @@ def run_bench(
     seed: int = 0,
     keep: bool = False,
     overrides: list[str] | tuple = (),
+    model: str = "tiny",
+    device: str = "auto",
+    precision: str | None = None,
     log=print,
 ) -> dict:
     """The whole benchmark; prints the table, writes the JSON, returns the result. The temporary work
     directory (model, data, run outputs) is removed at the end unless `keep`."""
     t_start = time.perf_counter()
-    settings = resolve_settings(quick, shape, pairs, steps, batch_size, rounds, seed, overrides)
+    settings = resolve_settings(
+        quick, shape, pairs, steps, batch_size, rounds, seed, overrides, model, device, precision
+    )
     out_path = Path(out) if out else Path("runs") / "bench" / f"bench-{datetime.now():%Y%m%d-%H%M%S}.json"
     if os.environ.pop("RAY_ADDRESS", None):
         log("bench: RAY_ADDRESS ignored: the benchmark starts its own local Ray (to measure its workers)")
@@ -1206,25 +1298,30 @@ def _bench(
     import torch
     from transformers import AutoTokenizer
 
-    model = build_bench_model(workdir / "model", settings.seed)
+    model = build_bench_model(workdir / "model", settings.seed, settings.model)
     model_dir = model["path"]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     log(
-        f"bench: model {model['params'] / 1e6:.2f}M parameters "
-        f"({model['matmul_params'] / 1e6:.2f}M in matmuls), "
-        f"vocabulary {model['vocab_size']}"
+        f"bench: model {settings.model} ({model['arch']}), {model['params'] / 1e6:.2f}M parameters "
+        f"({model['matmul_params'] / 1e6:.2f}M in matmuls), vocabulary {model['vocab_size']}; "
+        f"{settings.device}, {settings.precision}, attention {settings.attn_implementation or 'default'}"
     )
-    every, one_thread = matmul_peak(), matmul_peak(threads=1)
+    gpu = settings.device == "cuda"
+    size = 8192 if gpu else 2048
+    every = matmul_peak(size, device=settings.device, precision=settings.precision)
+    one_thread = every if gpu else matmul_peak(size, threads=1, precision=settings.precision)
     peak = {
         "flops": max(every, one_thread),  # on a busy machine all threads can lose to one
         "threads": torch.get_num_threads(),
         "flops_all_threads": every,
         "flops_1_thread": one_thread,
-        "matmul_size": 2048,
+        "matmul_size": size,
+        "device": torch.cuda.get_device_name() if gpu else "cpu",
+        "precision": settings.precision,
     }
     log(
-        f"bench: float32 matmul {every / 1e9:.1f} GFLOP/s ({peak['threads']} threads), "
-        f"{one_thread / 1e9:.1f} GFLOP/s (1 thread)"
+        f"bench: {settings.precision} matmul {every / 1e9:.1f} GFLOP/s on {peak['device']}"
+        + ("" if gpu else f" ({peak['threads']} threads), {one_thread / 1e9:.1f} GFLOP/s (1 thread)")
     )
     data, files = {}, {}
     for s in settings.shapes:
@@ -1241,7 +1338,8 @@ def _bench(
             "tokens_per_pair_mean": statistics.mean(tokens),
             "tokens_per_pair_max": max(tokens),
         }
-    engines = ["raydpo", NO_RAY, *(TRL_VARIANTS if trl_version else ())]
+    # The no-Ray diagnostic runs in this process: on a GPU its CUDA context would stay here for the others.
+    engines = ["raydpo", *(() if gpu else (NO_RAY,)), *(TRL_VARIANTS if trl_version else ())]
     settings.extra["raydpo_scaling"] = ScalingConfig().model_dump()  # raydpo's defaults: what it runs with
 
     def one(engine: str, s: str, tag: str, n_steps: int, data_path: Path) -> dict:

@@ -74,7 +74,8 @@ def _cmd_bench(args) -> int:
         raise UserError("raydpo bench needs the `benchmarks` package (a source checkout)") from None
 
     run_bench(quick=args.quick, shape=args.shape, pairs=args.pairs, steps=args.steps, out=args.out,
-              rounds=args.rounds, batch_size=args.batch_size, keep=args.keep, overrides=args.set)  # fmt: skip
+              rounds=args.rounds, batch_size=args.batch_size, keep=args.keep, overrides=args.set,
+              model=args.model, device=args.device, precision=args.precision)  # fmt: skip
     return 0
 
 
@@ -193,12 +194,27 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, help="optimizer steps per training call (default 24; --quick: 8)")
     b.add_argument("--batch-size", type=int, default=8, help="pairs per step (default 8)")
     b.add_argument("--rounds", type=int, help="alternating rounds of every engine (default 2; --quick: 1)")
+    b.add_argument("--model", choices=["tiny", "0.5b"], default="tiny",
+                   help="tiny: Llama, 4 layers, hidden 256 (default); 0.5b: Qwen2.5-0.5B's transformer body "
+                        "(24 layers, hidden 896), random-init, for a GPU")  # fmt: skip
+    b.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="auto: cuda where torch sees a GPU (raydpo's worker and TRL take turns), else cpu",
+    )
+    b.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        help="bf16: autocast in both engines (default: bf16 and SDPA on cuda, else fp32)",
+    )
     b.add_argument("--out", help="JSON results file (default runs/bench/bench-DATE-TIME.json)")
     b.add_argument("--keep", action="store_true", help="keep the temporary work directory (model, runs)")
     b.add_argument("--set", action="append", default=[], metavar="train.KEY=VALUE",
                    help="a raydpo training setting for raydpo's runs, e.g. train.precompute_reference=false "
                         "(repeatable; recorded in the JSON; defaults train.prefix_sharing=true "
-                        "train.grad_accum_steps=4 train.precompute_reference=true)")  # fmt: skip
+                        "train.grad_accum_steps=4 train.precompute_reference=true; on cuda "
+                        "train.precompute_reference=false)")  # fmt: skip
     b.set_defaults(func=_cmd_bench)
 
     c = sub.add_parser("cluster", help="a local multi-node Ray cluster with token auth and an MLflow server")

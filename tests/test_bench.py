@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `benchmarks` sits beside `raydpo`
 
@@ -232,3 +233,108 @@ def test_cli_bench_passes_its_arguments(monkeypatch):
     args = build_parser().parse_args(["bench", "--quick", "--steps", "4", "--rounds", "2"])
     assert _cmd_bench(args) == 0
     assert seen["quick"] and seen["steps"] == 4 and seen["rounds"] == 2 and seen["shape"] is None
+
+
+# ------------------------------------------------------------------------------- GPU settings
+
+
+def test_model_device_and_precision_settings():
+    cpu = bench.resolve_settings(quick=True)
+    assert (cpu.model, cpu.device, cpu.precision, cpu.attn_implementation) == ("tiny", "cpu", "fp32", None)
+    bf16 = bench.resolve_settings(quick=True, model="0.5b", precision="bf16")
+    assert (bf16.model, bf16.device, bf16.precision) == ("0.5b", "cpu", "bf16")
+    auto = bench.resolve_settings(quick=True, device="auto")
+    assert auto.device == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert auto.precision == ("bf16" if auto.device == "cuda" else "fp32")
+    for kwargs, flag in (({"model": "7b"}, "--model '7b'"), ({"device": "tpu"}, "--device 'tpu'"),
+                         ({"precision": "fp16"}, "--precision 'fp16'")):  # fmt: skip
+        with pytest.raises(UserError, match=flag):
+            bench.resolve_settings(**kwargs)
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="--device cuda: torch sees no GPU"):
+            bench.resolve_settings(device="cuda")
+
+
+def test_a_gpu_run_configures_both_engines_alike(tmp_path):
+    """On cuda: raydpo's one worker on the GPU with bf16 autocast and SDPA; TRL on the GPU with bf16
+    autocast, SDPA and float32 weights. On cpu: neither changes from the CPU defaults."""
+    gpu = bench.Settings(shapes=["short"], steps=2, pairs=16, device="cuda", precision="bf16",
+                         attn_implementation="sdpa")  # fmt: skip
+    cfg = bench.raydpo_config(gpu, str(tmp_path / "m"), tmp_path / "p.jsonl", tmp_path, "r", 2)
+    assert cfg.scaling.use_gpu and cfg.scaling.precision == "bf16" and cfg.scaling.num_workers == 1
+    assert cfg.model.attn_implementation == "sdpa" and cfg.model.dtype == "float32"
+    spec = {"output_dir": str(tmp_path), "batch_size": 8, "steps": 2, "lr": 1e-4, "beta": 0.1,
+            "loss": "sigmoid", "seed": 0, "precompute": False, "device": "cuda", "precision": "bf16",
+            "attn_implementation": "sdpa"}  # fmt: skip
+    trl = bench.trl_settings(spec)
+    assert not trl["use_cpu"] and trl["bf16"] and not trl["fp16"]
+    assert trl["model_init_kwargs"] == {"attn_implementation": "sdpa"}  # TRL's dtype default: float32
+    cpu = bench.resolve_settings(quick=True)
+    cfg = bench.raydpo_config(cpu, str(tmp_path / "m"), tmp_path / "p.jsonl", tmp_path, "r", 2)
+    assert (
+        not cfg.scaling.use_gpu and cfg.scaling.precision == "fp32" and cfg.model.attn_implementation is None
+    )
+    trl = bench.trl_settings({**spec, "device": "cpu", "precision": "fp32", "attn_implementation": None})
+    assert trl["use_cpu"] and not trl["bf16"] and trl["model_init_kwargs"] is None
+
+
+def test_the_half_billion_model_has_qwen_half_b_matmul_work():
+    """`--model 0.5b`: Qwen2.5-0.5B's transformer body (about 358M parameters in matmuls) on the bench's
+    4k vocabulary; built on the meta device here, so nothing is allocated."""
+    from transformers import AutoModelForCausalLM
+
+    from raydpo.models.tiny import build_tokenizer, model_config
+
+    spec = bench.MODELS["0.5b"]
+    tok = build_tokenizer("llama", corpus=["a b c"] * 10, vocab_size=spec["vocab_size"])
+    cfg = model_config(
+        tok, spec["arch"], **{k: v for k, v in spec.items() if k not in ("arch", "vocab_size")}
+    )
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+            cfg.intermediate_size, cfg.tie_word_embeddings) == (24, 896, 14, 2, 4864, True)  # fmt: skip
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    matmul = total - model.get_input_embeddings().weight.numel()
+    assert 355e6 < matmul < 362e6
+
+
+def test_matmul_peak_in_each_precision():
+    assert bench.matmul_peak(128, reps=2) > 0
+    assert bench.matmul_peak(128, reps=2, threads=1, precision="bf16") > 0
+
+
+def test_a_gpu_result_reports_tflops_and_gpu_memory():
+    result = json.loads(json.dumps(_fake_result()))
+    result["peak"].update(device="NVIDIA H100 80GB HBM3", precision="bf16", matmul_size=8192, flops=7.0e14)
+    result["settings"].update(device="cuda", precision="bf16", attn_implementation="sdpa")
+    short = result["results"]["short"]
+    short["engines"]["raydpo"]["peak_gpu_train_mb"] = 3000.0
+    short["engines"]["trl+precompute"]["peak_gpu_train_mb"] = 6000.0
+    short["ratios"]["peak_gpu_train_mb"] = 0.5
+    assert bench.schema_problems(result) == []
+    text = bench.format_report(result)
+    assert "bfloat16 matmul (torch.mm 8192², best of 8) on NVIDIA H100 80GB HBM3: 700.0 TFLOP/s" in text
+    assert "peak GPU memory 0.50x" in text and "cuda, bf16, attention sdpa" in text
+
+
+def test_cli_bench_passes_model_device_and_precision(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(bench, "run_bench", lambda **kw: seen.update(kw))
+    args = build_parser().parse_args(["bench", "--model", "0.5b", "--device", "cpu", "--precision", "bf16"])
+    assert _cmd_bench(args) == 0
+    assert (seen["model"], seen["device"], seen["precision"]) == ("0.5b", "cpu", "bf16")
+    args = build_parser().parse_args(["bench"])
+    assert (args.model, args.device, args.precision) == ("tiny", "auto", None)
+
+
+def test_on_a_gpu_the_defaults_are_bf16_sdpa_and_the_live_reference(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # what a GPU machine's torch says
+    gpu = bench.resolve_settings(device="auto", model="0.5b")
+    assert (gpu.device, gpu.precision, gpu.attn_implementation) == ("cuda", "bf16", "sdpa")
+    assert gpu.raydpo_overrides == list(bench.GPU_RAYDPO_DEFAULTS)
+    assert "train.precompute_reference=false" in gpu.raydpo_overrides  # scoring runs on CPUs (float32)
+    given = bench.resolve_settings(
+        device="cuda", precision="fp32", overrides=["train.precompute_reference=true"]
+    )
+    assert given.precision == "fp32" and given.raydpo_overrides[-1] == "train.precompute_reference=true"

@@ -192,6 +192,8 @@ class Trainer:
         metrics["pairs_per_second"] = per_step * self.world / max(seconds, 1e-9)
         if tokens:
             metrics["tokens_per_second"] = tokens * self.world / max(seconds, 1e-9)
+        if self.device.type == "cuda":  # the allocator's own count: no device synchronization
+            metrics["gpu_memory_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         evaluated = bool(
             cfg.train.eval_every and self.eval_source is not None and step % cfg.train.eval_every == 0
         )

@@ -72,32 +72,32 @@ def build_tokenizer(style: str = "llama", corpus: list[str] | None = None, vocab
     return out
 
 
-def build_model(
-    tokenizer, arch: str = "llama", hidden: int = 64, layers: int = 2, heads: int = 4, seed: int = 0
-):
-    """A random-init causal LM sized for tests (~100k parameters at the defaults)."""
-
+def model_config(
+    tokenizer, arch: str = "llama", hidden: int = 64, layers: int = 2, heads: int = 4,
+    kv_heads: int | None = None, intermediate: int | None = None, tie: bool = False,
+):  # fmt: skip
+    """The Hugging Face config of a random-init causal LM (`build_model`): `kv_heads` (grouped-query
+    attention; default `heads`), `intermediate` (MLP width; default 2 × hidden) and `tie` (input and
+    output embeddings shared) for Llama and Qwen2; 512 positions."""
     vocab = len(tokenizer)
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     ids["pad_token_id"] = tokenizer.pad_token_id
-    if arch == "llama":
-        cfg = LlamaConfig(
-            vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-            num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=512,
-            tie_word_embeddings=False, **ids,
+    if arch in ("llama", "qwen2"):
+        return (LlamaConfig if arch == "llama" else Qwen2Config)(
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
+            max_position_embeddings=512, tie_word_embeddings=tie, **ids,
         )  # fmt: skip
-    elif arch == "gpt2":
-        cfg = GPT2Config(
+    if arch == "gpt2":
+        return GPT2Config(
             vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=512, **ids
         )
-    elif arch == "qwen2":
-        cfg = Qwen2Config(
-            vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-            num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=512,
-            tie_word_embeddings=False, **ids,
-        )  # fmt: skip
-    else:
-        raise ValueError(f"unknown tiny architecture {arch!r}; allowed: llama, gpt2, qwen2")
+    raise ValueError(f"unknown tiny architecture {arch!r}; allowed: llama, gpt2, qwen2")
+
+
+def build_model(tokenizer, arch: str = "llama", seed: int = 0, **shape):
+    """A random-init causal LM, sized for tests by default (~100k parameters); `shape`: `model_config`'s."""
+    cfg = model_config(tokenizer, arch, **shape)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg)
 
