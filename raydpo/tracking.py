@@ -93,34 +93,43 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         raise UserError(f"MLflow tracking server {redact(uri)} is not reachable: {reason}") from None
 
 
-_OPENING: dict[str, threading.Thread] = {}  # tracking URI -> the thread opening its store (open_store)
+_READY: set[str] = set()  # tracking URIs whose store this process has opened and asked once (`_ready`)
+_READY_LOCK = threading.Lock()
+
+
+def _ready(uri: str) -> None:
+    """Import MLflow, open the store at `uri` and send it one request, once per process and URI, under a
+    lock: MLflow imports modules on first use (a store, the first request's headers), and two threads
+    doing that at once can see a module the other is still importing (an ImportError, "partially
+    initialized module"). So the first `_client(uri)` of a process does it, alone; later ones find it
+    done. An error is raised to that caller (the next one tries again)."""
+    if uri in _READY:
+        return
+    with _READY_LOCK:
+        if uri not in _READY:
+            _new_client(uri).search_experiments(max_results=1)
+            _READY.add(uri)
 
 
 def open_store(uri: str) -> None:
-    """Import MLflow and open the store at `uri` in a background thread, so that it is ready when the
-    run's records are written: a run's driver calls this before it starts Ray, which leaves the CPU
-    mostly idle while its processes come up, and importing MLflow and opening a store (a new SQLite
-    store also creates its tables) takes about 2 s of CPU on this project's 2-core machine. MLflow
-    keeps one store per URI; `_client` waits for this thread. An error here is left for the first
-    client to raise (the same error, from the thread that uses it)."""
-    if uri in _OPENING:
-        return
+    """`_ready(uri)` in a background thread, so that MLflow is imported and the store open when the run's
+    records are written: a run's driver calls this before it starts Ray, which leaves the CPU mostly
+    idle while its processes come up, and importing MLflow and opening a store (a new SQLite store also
+    creates its tables) takes about 2 s of CPU on this project's 2-core machine. `_client` waits for
+    it (the lock); an error here is left for the first client to raise, from the thread that uses it."""
 
     def open_quietly() -> None:
         try:
-            _new_client(uri)
+            _ready(uri)
         except Exception:  # raised again, where it is reported, by the first `_client(uri)`
             pass
 
-    _OPENING[uri] = threading.Thread(target=open_quietly, daemon=True, name="raydpo-open-store")
-    _OPENING[uri].start()
+    threading.Thread(target=open_quietly, daemon=True, name="raydpo-open-store").start()
 
 
 def _client(uri: str) -> MlflowClient:
-    """A client of `uri` (once `open_store(uri)`, if called, has finished)."""
-    opening = _OPENING.get(uri)
-    if opening is not None:
-        opening.join()
+    """A client of `uri`, once this process has opened its store (`_ready`)."""
+    _ready(uri)
     return _new_client(uri)
 
 
@@ -557,14 +566,21 @@ class _SystemMetrics:
         )
         self.step += 1
 
+    def _sample_quietly(self) -> None:
+        """A sample, or none while the store is down: samples are not spooled, and never stop training."""
+        try:
+            self._sample()
+        except Exception:  # MLflow's own errors, network errors
+            pass
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            self._sample()
+            self._sample_quietly()
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
-        self._sample()
+        self._sample_quietly()
 
 
 def close_stopped_children(uri: str, parent_run_id: str) -> int:

@@ -150,7 +150,7 @@ def test_open_store_runs_ahead_and_clients_wait_for_it(tmp_path, monkeypatch):
     meanwhile waits for it, and an error there is raised by the first client, not lost."""
     from raydpo import tracking
 
-    monkeypatch.setattr(tracking, "_OPENING", {})
+    monkeypatch.setattr(tracking, "_READY", set())
     events, new_client = [], tracking._new_client
 
     def slow(u):
@@ -162,7 +162,7 @@ def test_open_store_runs_ahead_and_clients_wait_for_it(tmp_path, monkeypatch):
     monkeypatch.setattr(tracking, "_new_client", slow)
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     tracking.open_store(uri)
-    tracking.open_store(uri)  # once per URI
+    time.sleep(0.1)
     assert tracking._client(uri).search_experiments()
     assert events[:2] == [("start", "raydpo-open-store"), ("end", "raydpo-open-store")]
     assert events[2:] == [("start", "MainThread"), ("end", "MainThread")]
@@ -174,3 +174,41 @@ def test_open_store_runs_ahead_and_clients_wait_for_it(tmp_path, monkeypatch):
     tracking.open_store("sqlite:///elsewhere.db")  # no exception here...
     with pytest.raises(RuntimeError, match="cannot open sqlite:///elsewhere.db"):
         tracking._client("sqlite:///elsewhere.db")  # ...but here
+
+
+def test_threads_that_start_using_mlflow_at_once_take_turns(tmp_path, monkeypatch):
+    """MLflow imports modules on first use; the first use of a store in a process (`_ready`) happens
+    once, in one thread, while the others wait (two at once can fail with "partially initialized
+    module"). Then a sampler whose store is down loses samples and never raises."""
+    from raydpo import tracking
+
+    monkeypatch.setattr(tracking, "_READY", set())
+    inside, most, new_client = [0], [0], tracking._new_client
+
+    def counted(u):
+        if u in tracking._READY:  # opened: clients made at once from here on are fine
+            return new_client(u)
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        time.sleep(0.2)
+        inside[0] -= 1
+        return new_client(u)
+
+    monkeypatch.setattr(tracking, "_new_client", counted)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    barrier = threading.Barrier(4)
+    threads = [threading.Thread(target=lambda: (barrier.wait(), tracking._client(uri))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1 and uri in tracking._READY
+
+    def down(u):
+        raise ConnectionError("store down")
+
+    monkeypatch.setattr(tracking, "_new_client", down)
+    sampler = tracking._SystemMetrics("sqlite:///down.db", "run", 0.05)
+    time.sleep(0.2)
+    sampler.stop()  # no exception
+    assert sampler.step == 0
