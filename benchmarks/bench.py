@@ -85,9 +85,10 @@ TRL_VARIANTS = {"trl": False, "trl+precompute": True}  # name → precompute_ref
 # less than two micro-batches of 4. They cost no step time since the reference scores each batch in one
 # pass ahead of them and each is cut from the batch's pairs sorted by width (README "Throughput").
 RAYDPO_DEFAULTS = ("train.prefix_sharing=true", "train.grad_accum_steps=4", "train.precompute_reference=true")
-# On a GPU the reference stays in the step: `train.precompute_reference` scores on CPUs, in float32
-# (engine/reference.py), which for a 0.5B model would take minutes, and beside a bf16 policy it would
-# move step 1's loss off ln 2 by the policy's rounding (1.5e-4 on the tiny model in bf16 on a CPU).
+# On a GPU the reference stays in the step: the scoring stage's GPU path (engine/reference.py: the
+# driver's GPU or one per actor) has not yet run on a GPU, and the bench's own process would keep the
+# CUDA context of a scoring done in the driver while TRL's runs use the same GPU. `--set
+# train.precompute_reference=true` asks for it.
 GPU_RAYDPO_DEFAULTS = (*RAYDPO_DEFAULTS[:2], "train.precompute_reference=false")
 NO_RAY = "raydpo-noray"  # diagnostic: raydpo's loop in this process without Ray (not in the ratios)
 ENGINES = ("raydpo", NO_RAY, *TRL_VARIANTS)

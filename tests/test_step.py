@@ -220,3 +220,30 @@ def test_precomputed_reference_trains_like_the_live_one(tiny_llama_dir, monkeypa
     with pytest.raises(ValueError, match="ref_chosen"):
         short = {**values, "ref_chosen": values["ref_chosen"][:3]}
         train_local(cfg, DPO, pairs, pad_token_id(tok), reference_logps=short)
+
+
+def test_under_bf16_the_precomputed_reference_is_scored_as_the_live_one(tiny_llama_dir):
+    """`scaling.precision=bf16` (autocast, here on the CPU): the scorer runs under the training step's
+    autocast, so a precomputed reference trains like the live one (step 1's loss at ln 2 in both; a
+    float32 reference beside the bf16 policy moved it by 6e-6, step 2's by 1.1e-4). The cache key tells
+    the bf16 scoring apart; a CPU run's float32 key does not change with `precision` auto or fp32."""
+    import math
+
+    from raydpo.engine.reference import cache_key
+
+    cfg = _cfg(tiny_llama_dir, prefix_sharing=True, grad_accum_steps=4, max_steps=2)
+    bf16 = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"precision": "bf16"})})
+    tok = load_tokenizer(bf16.model)
+    pairs = _pairs(tok)
+    live = train_local(bf16, DPO, pairs, pad_token_id(tok))
+    scorer, _ = _score(bf16, pairs)
+    assert scorer.bf16 and scorer.device.type == "cpu"
+    pre = train_local(bf16, DPO, pairs, pad_token_id(tok), reference_logps=scorer.columns(pairs))
+    assert live[0]["loss"] == pytest.approx(math.log(2), abs=1e-7) == pre[0]["loss"]
+    for a, b in zip(live, pre):
+        for k in ("loss", "grad_norm", "logps/chosen", "rewards/margins"):
+            assert b[k] == pytest.approx(a[k], abs=1e-6), k
+    fp32 = _score(cfg, pairs)[0].columns(pairs)["ref_chosen"]
+    assert not torch.allclose(fp32, scorer.columns(pairs)["ref_chosen"], atol=1e-4)  # bf16 did change them
+    fp32_cfg = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"precision": "fp32"})})
+    assert cache_key(cfg) == cache_key(fp32_cfg) != cache_key(bf16)

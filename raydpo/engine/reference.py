@@ -44,7 +44,8 @@ from ray.data.dataset import MaterializedDataset
 from raydpo.config import RunConfig
 from raydpo.data.tokenize import TokenizedPair, collate_batch, pad_token_id
 from raydpo.engine.checkpointing import HASHED_BELOW, _sha256
-from raydpo.engine.sources import row_width
+from raydpo.engine.distributed import use_bf16
+from raydpo.engine.sources import row_width, to_device
 from raydpo.models.loading import load_reference, load_tokenizer
 from raydpo.models.paths import local_model_dir, weight_bytes
 from raydpo.models.tiny import builtin_model_dir
@@ -84,7 +85,11 @@ def cache_key(cfg: RunConfig) -> str:
     _files_digest(h, m.tokenizer or m.policy)
     settings = {
         "model": {"dtype": m.dtype, "attn": m.attn_implementation, "reference": m.reference or m.policy},
-        "scoring": {"shared": cfg.train.prefix_sharing, "response_only": cfg.train.response_only_logits},
+        "scoring": {
+            "shared": cfg.train.prefix_sharing,
+            "response_only": cfg.train.response_only_logits,
+            **scoring_precision(cfg),
+        },  # fmt: skip
         "data": d.model_dump(mode="json", exclude={"tokenize_workers", "quarantine_path"}),
         "eval_split_seed": cfg.train.seed if d.eval_fraction and not d.eval_source else None,
         "sources": [dataset_digest(s) for s in (d.source, d.eval_source) if s],
@@ -93,20 +98,38 @@ def cache_key(cfg: RunConfig) -> str:
     return h.hexdigest()[:20]
 
 
+def scoring_precision(cfg: RunConfig) -> dict:
+    """The cache key's part for where and how the scorer computes: nothing for the float32 CPU scoring
+    of a CPU run (the keys of such runs stay as they were), else the precision and the device kind."""
+    s = cfg.scaling
+    if s.precision != "bf16" and not s.use_gpu:
+        return {}
+    return {"precision": s.precision, "device": "gpu" if s.use_gpu else "cpu"}
+
+
+def scoring_device(cfg: RunConfig) -> torch.device:
+    """A GPU run scores on a GPU (an actor's own, or the driver's first), else on CPUs."""
+    return torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
+
+
 def cache_dir(cfg: RunConfig) -> Path:
     return Path(cfg.train.output_dir) / ".reference-cache" / cache_key(cfg)
 
 
 class ScoreReference:
     """Ray Data actor (or, `threads` None, a plain object in the driver): loads the reference once,
-    adds `ref_chosen` / `ref_rejected` to each batch."""
+    adds `ref_chosen` / `ref_rejected` to each batch. On the run's device kind (`scoring_device`), under
+    the autocast its training step uses (`engine.distributed.use_bf16`), as a live reference would be
+    computed: with bf16 a float32 reference beside a bf16 policy would move step 1's loss off ln 2."""
 
     def __init__(self, run_config: dict, threads: int | None = None):
         cfg = RunConfig.model_validate(run_config)
         if threads is not None:  # an actor's own process; the driver keeps its torch settings
             torch.set_num_threads(max(1, threads))
         model_cfg = cfg.model.model_copy(update={"lora": None})  # a LoRA run's reference is its base
-        self.model = load_reference(model_cfg)
+        self.device = scoring_device(cfg)
+        self.model = load_reference(model_cfg).to(self.device)
+        self.bf16 = use_bf16(cfg.scaling, self.device)
         self.pad_id = pad_token_id(load_tokenizer(cfg.model))
         self.layout = scoring_layout(cfg, self.model)
         self.response_only = cfg.train.response_only_logits
@@ -127,9 +150,9 @@ class ScoreReference:
         out = np.zeros((2, len(pairs)), dtype=np.float64)  # (chosen, rejected) × B
         for start in range(0, len(order), SCORE_MICRO):
             part = order[start : start + SCORE_MICRO]
-            batch = collate_batch([pairs[i] for i in part], self.pad_id, self.layout)
-            with torch.no_grad():
-                logps = pair_logps(self.model, batch, self.response_only).sum.double().numpy()  # (2b,)
+            batch = to_device(collate_batch([pairs[i] for i in part], self.pad_id, self.layout), self.device)
+            with torch.no_grad(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
+                logps = pair_logps(self.model, batch, self.response_only).sum.double().cpu().numpy()  # (2b,)
             out[:, part] = logps.reshape(2, len(part))
         return out[0], out[1]
 
@@ -203,6 +226,8 @@ def attach(
             for split, ds in datasets.items():
                 score_here(ds, tmp / split, scorer)
             del scorer
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the driver's GPU memory back for the training workers
         else:
             threads = max(1, int(ray.available_resources().get("CPU", 1)) // workers)
             for split, ds in datasets.items():
@@ -210,7 +235,7 @@ def attach(
                     ds, tmp / split, ScoreReference,
                     fn_constructor_kwargs={"run_config": run_config, "threads": threads},
                     compute=ray.data.ActorPoolStrategy(size=workers), batch_size=BATCH, batch_format="numpy",
-                    num_cpus=threads,
+                    num_cpus=threads, num_gpus=1 if cfg.scaling.use_gpu else 0,
                 )  # fmt: skip
         rows = sum(pq.ParquetFile(f).metadata.num_rows for f in tmp.glob("*/*.parquet"))  # the files'
         #   metadata: a streamed `ds` is not read a second time
