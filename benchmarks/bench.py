@@ -68,7 +68,6 @@ MODELS = {
     "0.5b": {"arch": "qwen2", "layers": 24, "hidden": 896, "heads": 14, "kv_heads": 2, "intermediate": 4864,
              "tie": True, "vocab_size": 4096},
 }  # fmt: skip
-MODEL = MODELS["tiny"]
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
 TOKENIZER_CORPUS_PAIRS = 256  # pairs per shape the tokenizer is trained on (fixed: one model for any --shape)

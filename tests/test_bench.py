@@ -326,6 +326,13 @@ def test_cli_bench_passes_model_device_and_precision(monkeypatch):
     assert (seen["model"], seen["device"], seen["precision"]) == ("0.5b", "cpu", "bf16")
     args = build_parser().parse_args(["bench"])
     assert (args.model, args.device, args.precision) == ("tiny", "auto", None)
+    for flag, allowed in (
+        ("--model", bench.MODELS),
+        ("--device", bench.DEVICES),
+        ("--precision", bench.PRECISIONS),
+    ):
+        for value in allowed:  # the CLI's choices (it parses without importing the bench) are the bench's
+            assert build_parser().parse_args(["bench", flag, value]) is not None
 
 
 def test_on_a_gpu_the_defaults_are_bf16_sdpa_and_the_live_reference(monkeypatch):
